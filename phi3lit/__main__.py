@@ -1,0 +1,3 @@
+from phi3lit.cli import main
+
+main()

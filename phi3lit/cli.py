@@ -1,0 +1,62 @@
+"""`python -m phi3lit {fit,validate,test,predict} --config FILE.yaml`: LightningCLI over Phi3LoRA + ChatDataModule.
+
+A run lives in one folder, `trainer.default_root_dir`:
+    tb/               TensorBoard events and the resolved config.yaml
+    checkpoints/      LoRA-only Lightning checkpoints, last.ckpt for `--ckpt_path last`
+    adapter/          peft adapter + tokenizer, written at the end of fit
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from phi3lit.callbacks import PredictionWriter, SaveAdapter
+from phi3lit.data import ChatDataModule, DataError
+from phi3lit.model import Phi3LoRA
+
+
+def _checkpoint_dir(root: str | None) -> str:
+    return os.path.join(root or os.getcwd(), "checkpoints")
+
+
+class Phi3LitCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(SaveAdapter, "adapter")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        # One source of truth for values that data and model share.
+        parser.link_arguments("model.pretrained", "data.tokenizer")
+        parser.link_arguments("data.max_length", "model.max_length")
+        # A fixed checkpoint folder per run, so `--ckpt_path last` finds the previous run's last.ckpt.
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{step:06d}"})
+
+    def before_instantiate_classes(self) -> None:
+        # TensorBoard in the run folder by default (Lightning's default would be version_N folders).
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if trainer.logger in (None, True):
+            root = trainer.default_root_dir or os.getcwd()
+            trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                init_args=Namespace(save_dir=root, name="tb", version=""),
+            )
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        Phi3LitCLI(
+            Phi3LoRA,
+            ChatDataModule,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except DataError as e:  # the user's data, not a bug: no traceback
+        print(f"phi3lit: data error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,254 @@
+"""The LightningModule: a Hugging Face Phi-3 causal LM with peft LoRA adapters.
+
+Loss normalisation. A packed row carries a varying number of trained (assistant) tokens, so "mean of
+per-batch means" weights tokens unevenly. phi3lit instead makes every optimizer step minimise
+
+    sum of token losses over all micro-batches and ranks of the step / trained tokens of the step
+
+which is what one big batch would give. `training_step` returns the *summed* token loss of its
+micro-batch; Lightning divides it by `accumulate_grad_batches` and DDP averages over ranks, so in
+`on_before_optimizer_step` (after the last backward, before clipping) the gradients are multiplied by
+`accumulate_grad_batches * world_size / trained_tokens_of_step`. The token count is all-reduced once
+per optimizer step, not per micro-batch.
+
+The module never moves tensors between devices or casts for precision: the Trainer owns both.
+Checkpoints hold only the trainable (LoRA) tensors; the frozen base is reloaded from `pretrained`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import SumMetric
+
+from phi3lit.data import IGNORE_INDEX
+from phi3lit.tiny import resolve_pretrained
+
+PHI3_LINEAR = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # every linear layer of a Phi-3 block
+
+
+@dataclass
+class LoraSpec:
+    """LoRA hyper-parameters (the model card's sample recipe by default)."""
+
+    r: int = 16  # rank of the update B @ A
+    alpha: float = 32.0  # update is scaled by alpha / r
+    dropout: float = 0.05  # dropout on the LoRA branch input
+    targets: list[str] = field(default_factory=lambda: list(PHI3_LINEAR))  # module names to adapt
+
+
+class Phi3LoRA(L.LightningModule):
+    strict_loading = False  # checkpoints hold LoRA tensors only; the base comes from `pretrained`
+
+    def __init__(
+        self,
+        pretrained: str = "builtin:tiny-phi3",
+        lora: LoraSpec | None = None,
+        torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
+        attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
+        gradient_checkpointing: bool = False,
+        max_length: int = 1024,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        max_new_tokens: int = 64,
+    ):
+        """
+        Args:
+            pretrained: hub id (`microsoft/Phi-3-mini-4k-instruct`), local model folder, or the offline
+                `builtin:tiny-phi3`. The tokenizer is read from the same place.
+            lora: LoRA rank, alpha, dropout and target modules.
+            torch_dtype: dtype the frozen base weights are loaded in.
+            attn_implementation: attention kernel of transformers.
+            gradient_checkpointing: recompute activations in backward (non-reentrant) to save memory.
+            max_length: longest packed row; linked from `data.max_length`.
+            lr: peak AdamW learning rate, reached after `warmup_steps`.
+            weight_decay: AdamW weight decay on LoRA weights.
+            betas: AdamW betas.
+            warmup_steps: linear warmup steps from 0 to `lr`.
+            min_lr_ratio: cosine decay ends at `lr * min_lr_ratio` on the last step.
+            max_new_tokens: reply length limit for `predict`.
+        """
+        super().__init__()
+        lora = lora or LoraSpec()
+        if lora.r <= 0:
+            raise ValueError(f"model.lora.r must be positive, got {lora.r}")
+        if not 0.0 <= lora.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+        if not lora.targets:
+            raise ValueError("model.lora.targets is empty: nothing would be trained")
+        self.save_hyperparameters()
+        self.lora = lora
+        self.tokenizer = None
+        self.model = None  # built in configure_model, so parsing a config never loads weights
+        self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
+        self._step_loss = self._step_tokens = None
+
+    # ------------------------------------------------------------------ setup
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hp = self.hparams
+        base = AutoModelForCausalLM.from_pretrained(
+            resolve_pretrained(hp.pretrained),
+            dtype=hp.torch_dtype if hp.torch_dtype == "auto" else getattr(torch, hp.torch_dtype),
+            attn_implementation=hp.attn_implementation,
+        )
+        if hp.max_length > base.config.max_position_embeddings:
+            raise ValueError(
+                f"data.max_length {hp.max_length} exceeds the model's {base.config.max_position_embeddings} positions"
+            )
+        if hp.gradient_checkpointing:
+            # Non-reentrant checkpointing propagates grads to LoRA weights even though the frozen
+            # embedding output has requires_grad=False; input grads are enabled for reentrant-safe peft paths.
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        config = LoraConfig(
+            r=self.lora.r,
+            lora_alpha=self.lora.alpha,
+            lora_dropout=self.lora.dropout,
+            target_modules=list(self.lora.targets),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(base, config)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(hp.pretrained))  # for decoding replies
+
+    def param_counts(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def on_fit_start(self) -> None:
+        trainable, total = self.param_counts()
+        rank_zero_info(
+            f"[phi3lit] trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable: {100 * trainable / total:.4f}% (LoRA r={self.lora.r} on {', '.join(self.lora.targets)})"
+        )
+
+    # ------------------------------------------------------------------ loss
+    def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of next-token cross-entropies over trained positions, number of trained positions).
+
+        Logits are computed only at trained positions: the LM head over all positions would cost
+        `tokens x 32064` floats for nothing when only assistant tokens are trained.
+        """
+        causal_lm = self.model.get_base_model()
+        hidden = causal_lm.model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            use_cache=False,  # with a cache, transformers ignores position_ids for the packed mask
+        ).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
+        return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss_sum, n = self.token_losses(batch)
+        if self._step_loss is None:
+            self._step_loss, self._step_tokens = torch.zeros_like(loss_sum), torch.zeros_like(n)
+        self._step_loss += loss_sum.detach()
+        self._step_tokens += n
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        strategy = self.trainer.strategy
+        tokens = strategy.reduce(self._step_tokens.float(), reduce_op="sum").clamp_min(1)
+        loss = strategy.reduce(self._step_loss, reduce_op="sum") / tokens
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+        self._step_loss = self._step_tokens = None
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def _eval_step(self, batch: dict) -> None:
+        loss_sum, n = self.token_losses(batch)
+        self.val_loss_sum.update(loss_sum)
+        self.val_tokens.update(n)
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        # Token-weighted over the whole set (and all ranks: torchmetrics syncs), not a mean of batch means.
+        loss = self.val_loss_sum.compute() / self.val_tokens.compute().clamp_min(1)
+        self.log(f"{prefix}/loss", loss, prog_bar=True)
+        self.log(f"{prefix}/ppl", torch.exp(loss))
+        self.val_loss_sum.reset()
+        self.val_tokens.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+        """Greedy replies to left-padded prompts; the KV cache is used here and only here."""
+        tok = self.tokenizer
+        stop = tok.convert_tokens_to_ids(["<|end|>", tok.eos_token])
+        stop = [i for i in stop if i is not None and i != tok.unk_token_id]  # unknown tokens map to <unk>
+        out = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=stop,
+            pad_token_id=tok.unk_token_id or 0,
+        )
+        return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def schedule(step: int) -> float:  # linear warmup, then cosine from 1 to min_lr_ratio
+            if step < hp.warmup_steps:
+                return (step + 1) / (hp.warmup_steps + 1)
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["phi3lit"] = {"pretrained": self.hparams.pretrained, "lora": asdict(self.lora)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("phi3lit", {}).get("lora")
+        if saved is not None and saved != asdict(self.lora):
+            diff = {k: (saved.get(k), v) for k, v in asdict(self.lora).items() if saved.get(k) != v}
+            raise ValueError(
+                "checkpoint LoRA config differs from this run's: "
+                + "; ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+            )
+        if self.model is not None:
+            missing = self.trainable_names() - set(checkpoint["state_dict"])
+            if missing:
+                raise ValueError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[0]}")
