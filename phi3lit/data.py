@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from phi3lit.tiny import resolve_pretrained
 
@@ -237,6 +238,38 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
+# ---------------------------------------------------------------------------- loaders
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start an epoch part-way through, for exact mid-epoch resume."""
+
+    resume: tuple[int, int] | None = None  # (epoch, samples to skip in that epoch)
+
+    def __iter__(self):
+        indices = super().__iter__()
+        if self.resume is not None and self.resume[0] == self.epoch:
+            indices = itertools.islice(indices, self.resume[1], None)
+        self.resume = None
+        return iter(indices)
+
+
+class ResumableLoader(DataLoader):
+    """Lightning saves `state_dict()` in checkpoints and calls `load_state_dict()` on resume.
+
+    The state is the epoch and the number of batches the training loop has processed in it (taken from the
+    loop, not from this iterator, which Lightning prefetches ahead), so a resumed run sees exactly the batches
+    an uninterrupted run would.
+    """
+
+    trainer = None
+
+    def state_dict(self) -> dict:
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+        return {"epoch": self.sampler.epoch, "batches": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume = (state["epoch"], state["batches"] * self.batch_size)
+
+
 # ---------------------------------------------------------------------------- datamodule
 class ChatDataModule(L.LightningDataModule):
     def __init__(
@@ -247,6 +280,7 @@ class ChatDataModule(L.LightningDataModule):
         test_file: str | None = None,
         predict_file: str | None = None,
         split: str = "train",
+        val_split: str | None = None,
         tokenizer: str = "",
         max_length: int = 1024,
         train_on: Literal["assistant", "all"] = "assistant",
@@ -263,12 +297,13 @@ class ChatDataModule(L.LightningDataModule):
             predict_file: conversations to answer with `python -m phi3lit predict`; trailing assistant turns are
                 dropped and the model writes the next reply.
             split: split to read from a hub dataset.
+            val_split: split of `val_file` when it is a hub dataset (default: `split`).
             tokenizer: tokenizer folder or hub id. Linked to `model.pretrained` by the CLI.
             max_length: tokens per packed row; longer conversations are truncated. Linked to the model.
             train_on: `assistant` trains on replies and their `<|end|>`; `all` on every token (model card).
             batch_size: packed rows per micro-batch.
             num_workers: DataLoader worker processes.
-            seed: seed of the train/validation split.
+            seed: seed of the train/validation split and of the per-epoch row order.
         """
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -317,7 +352,7 @@ class ChatDataModule(L.LightningDataModule):
         if stage in ("fit", "validate") and "train" not in self.rows:
             train = load_conversations(hp.train_file, hp.split)
             if hp.val_file:
-                val = load_conversations(hp.val_file, hp.split)
+                val = load_conversations(hp.val_file, hp.val_split or hp.split)
             else:
                 g = torch.Generator().manual_seed(hp.seed)
                 perm = torch.randperm(len(train), generator=g).tolist()
@@ -337,14 +372,28 @@ class ChatDataModule(L.LightningDataModule):
             self.rows["predict"] = [prompt_of(c) for c in load_conversations(hp.predict_file, hp.split)]
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        trainer = self.trainer
+        # Order depends only on (seed, epoch): Lightning calls set_epoch, restores the epoch on resume and
+        # keeps a DistributedSampler under DDP, where each rank reads a disjoint shard.
+        sampler = ResumableSampler(
+            self.rows[name],
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            shuffle=shuffle,
+            seed=self.hparams.seed,
+            drop_last=False,
+        )
+        loader = ResumableLoader(
             self.rows[name],
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,  # rows are reshuffled every epoch; Lightning seeds and shards them
+            sampler=sampler,
             # Pad with <unk> (id 0 in Phi-3), never eos; padding is masked by position anyway.
             collate_fn=functools.partial(collate, pad_id=self.tokenizer.unk_token_id or 0),
             num_workers=self.hparams.num_workers,
+            generator=torch.Generator().manual_seed(self.hparams.seed),  # keep the global RNG untouched
         )
+        loader.trainer = trainer
+        return loader
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)

@@ -18,6 +18,7 @@ Checkpoints hold only the trainable (LoRA) tensors; the frozen base is reloaded 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -43,6 +44,35 @@ class LoraSpec:
     targets: list[str] = field(default_factory=lambda: list(PHI3_LINEAR))  # module names to adapt
 
 
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def apply_lora(base, lora: LoraSpec):
+    """Wrap a causal LM in peft LoRA; everything but the adapters is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, config)
+
+
 class Phi3LoRA(L.LightningModule):
     strict_loading = False  # checkpoints hold LoRA tensors only; the base comes from `pretrained`
 
@@ -58,6 +88,7 @@ class Phi3LoRA(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
         min_lr_ratio: float = 0.1,
         max_new_tokens: int = 64,
     ):
@@ -74,6 +105,7 @@ class Phi3LoRA(L.LightningModule):
             weight_decay: AdamW weight decay on LoRA weights.
             betas: AdamW betas.
             warmup_steps: linear warmup steps from 0 to `lr`.
+            warmup_ratio: warmup as a share of all optimizer steps (the model card uses 0.2); the larger wins.
             min_lr_ratio: cosine decay ends at `lr * min_lr_ratio` on the last step.
             max_new_tokens: reply length limit for `predict`.
         """
@@ -96,7 +128,6 @@ class Phi3LoRA(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         hp = self.hparams
@@ -112,17 +143,13 @@ class Phi3LoRA(L.LightningModule):
         if hp.gradient_checkpointing:
             # Non-reentrant checkpointing propagates grads to LoRA weights even though the frozen
             # embedding output has requires_grad=False; input grads are enabled for reentrant-safe peft paths.
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            non_reentrant = {"use_reentrant": False}
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
             base.enable_input_require_grads()
-        config = LoraConfig(
-            r=self.lora.r,
-            lora_alpha=self.lora.alpha,
-            lora_dropout=self.lora.dropout,
-            target_modules=list(self.lora.targets),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        self.model = get_peft_model(base, config)
+        self.model = apply_lora(base, self.lora)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(hp.pretrained))  # for decoding replies
 
     def param_counts(self) -> tuple[int, int]:
@@ -153,6 +180,12 @@ class Phi3LoRA(L.LightningModule):
         keep = targets != IGNORE_INDEX
         logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
         return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Restored here, not at load time, so that nothing Lightning does in between shifts the streams.
+        if getattr(self, "_rng_to_restore", None) is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, n = self.token_losses(batch)
@@ -221,11 +254,12 @@ class Phi3LoRA(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(hp.warmup_steps, int(hp.warmup_ratio * total))
 
         def schedule(step: int) -> float:  # linear warmup, then cosine from 1 to min_lr_ratio
-            if step < hp.warmup_steps:
-                return (step + 1) / (hp.warmup_steps + 1)
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
             return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -239,6 +273,7 @@ class Phi3LoRA(L.LightningModule):
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["phi3lit"] = {"pretrained": self.hparams.pretrained, "lora": asdict(self.lora)}
+        checkpoint["rng"] = rng_states()  # Lightning does not save them; LoRA dropout needs them to resume exactly
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("phi3lit", {}).get("lora")
@@ -248,6 +283,7 @@ class Phi3LoRA(L.LightningModule):
                 "checkpoint LoRA config differs from this run's: "
                 + "; ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
             )
+        self._rng_to_restore = checkpoint.get("rng")
         if self.model is not None:
             missing = self.trainable_names() - set(checkpoint["state_dict"])
             if missing:

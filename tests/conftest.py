@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests never touch the network: hub access is switched off before anything imports it."""
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+REAL_TOKENIZER = SHARED / "phi3-tokenizer"
+SHARED_DATA = SHARED / "data"
+
+needs_real_tokenizer = pytest.mark.skipif(not REAL_TOKENIZER.is_dir(), reason="../shared/phi3-tokenizer is absent")
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> str:
+    from phi3lit.tiny import TINY_NAME, resolve_pretrained
+
+    return resolve_pretrained(TINY_NAME)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    if not REAL_TOKENIZER.is_dir():
+        pytest.skip("../shared/phi3-tokenizer is absent")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(REAL_TOKENIZER)
