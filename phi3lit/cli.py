@@ -54,6 +54,7 @@ def main(args: list[str] | None = None) -> None:
             Phi3LoRA,
             ChatDataModule,
             seed_everything_default=0,
+            auto_configure_optimizers=False,  # AdamW + warmup/cosine are the module's own arguments
             save_config_kwargs={"overwrite": True},
             args=args,
         )
