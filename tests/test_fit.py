@@ -73,14 +73,12 @@ def test_adapter_loads_in_stock_peft_with_equal_logits(run_dir, tiny_path):
 
 def test_predict_writes_one_reply_per_prompt(run_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        json.dumps({"messages": [{"role": "user", "content": "What is 2 + 3?"}]})
-        + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "Count from 1 to 4."}, {"role": "assistant", "content": "x"}]})
-        + "\n"
-    )
-    args = ["predict", "--config", TINY, "--trainer.default_root_dir", str(tmp_path), "--data.predict_file", str(prompts)]
-    main([*args, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"), "--model.max_new_tokens", "12"])
+    first = [{"role": "user", "content": "What is 2 + 3?"}]
+    second = [{"role": "user", "content": "Count from 1 to 4."}, {"role": "assistant", "content": "x"}]
+    prompts.write_text(json.dumps({"messages": first}) + "\n" + json.dumps({"messages": second}) + "\n")
+    args = ["predict", "--config", TINY, "--trainer.default_root_dir", str(tmp_path), "--data.predict_file"]
+    ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    main([*args, str(prompts), "--ckpt_path", ckpt, "--model.max_new_tokens", "12"])
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(isinstance(r["reply"], str) for r in rows)
     assert rows[1]["messages"] == [{"role": "user", "content": "Count from 1 to 4."}]  # trailing reply dropped
@@ -110,7 +108,8 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, stop):
     common = ["fit", "--config", TINY, "--data.train_file", str(data), *SMALL, "--checkpoint.every_n_train_steps", "2"]
     main([*common, "--trainer.default_root_dir", str(tmp_path / "a"), "--trainer.max_steps", "12"])
     main([*common, "--trainer.default_root_dir", str(tmp_path / "b"), "--trainer.max_steps", str(stop)])
-    main([*common, "--trainer.default_root_dir", str(tmp_path / "b"), "--trainer.max_steps", "12", "--ckpt_path", "last"])
+    resume = ["--trainer.max_steps", "12", "--ckpt_path", "last"]
+    main([*common, "--trainer.default_root_dir", str(tmp_path / "b"), *resume])
     a, b = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
