@@ -135,11 +135,11 @@ def train_tiny_tokenizer(rows: list[dict], vocab_size: int = 512):
     )
 
 
-def write_assets() -> None:
+def write_assets(dest: Path = ASSETS) -> None:
     """Regenerate the shipped data and tokenizer (`python -m phi3lit.tiny`)."""
     rows = make_chat_data()
-    write_jsonl(rows, TINY_DATA)
-    train_tiny_tokenizer(rows).save_pretrained(TINY_TOKENIZER)
+    write_jsonl(rows, dest / TINY_DATA.name)
+    train_tiny_tokenizer(rows).save_pretrained(dest / TINY_TOKENIZER.name)
 
 
 # ---------------------------------------------------------------------------- model
