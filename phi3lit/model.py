@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Literal
 
 import lightning as L
@@ -29,19 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from phi3lit.data import IGNORE_INDEX
+from phi3lit.lora import LoraSpec, apply_lora, effective_trainable, trainable_by_module
 from phi3lit.tiny import resolve_pretrained
-
-PHI3_LINEAR = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # every linear layer of a Phi-3 block
-
-
-@dataclass
-class LoraSpec:
-    """LoRA hyper-parameters (the model card's sample recipe by default)."""
-
-    r: int = 16  # rank of the update B @ A
-    alpha: float = 32.0  # update is scaled by alpha / r
-    dropout: float = 0.05  # dropout on the LoRA branch input
-    targets: list[str] = field(default_factory=lambda: list(PHI3_LINEAR))  # module names to adapt
 
 
 def rng_states() -> dict:
@@ -56,21 +45,6 @@ def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def apply_lora(base, lora: LoraSpec):
-    """Wrap a causal LM in peft LoRA; everything but the adapters is frozen."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.targets),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(base, config)
 
 
 class Phi3LoRA(L.LightningModule):
@@ -110,13 +84,7 @@ class Phi3LoRA(L.LightningModule):
             max_new_tokens: reply length limit for `predict`.
         """
         super().__init__()
-        lora = lora or LoraSpec()
-        if lora.r <= 0:
-            raise ValueError(f"model.lora.r must be positive, got {lora.r}")
-        if not 0.0 <= lora.dropout < 1.0:
-            raise ValueError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
-        if not lora.targets:
-            raise ValueError("model.lora.targets is empty: nothing would be trained")
+        lora = lora or LoraSpec()  # LoraSpec validates itself
         self.save_hyperparameters()
         self.lora = lora
         self.tokenizer = None
@@ -153,14 +121,16 @@ class Phi3LoRA(L.LightningModule):
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(hp.pretrained))  # for decoding replies
 
     def param_counts(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        """(effective trainable parameters, all parameters); off-slice zero blocks are not trainable."""
+        return effective_trainable(self.model), sum(p.numel() for p in self.model.parameters())
 
     def on_fit_start(self) -> None:
         trainable, total = self.param_counts()
+        by_module = ", ".join(f"{k} {v:,}" for k, v in sorted(trainable_by_module(self.model).items()))
         rank_zero_info(
             f"[phi3lit] trainable params: {trainable:,} || all params: {total:,} || "
-            f"trainable: {100 * trainable / total:.4f}% (LoRA r={self.lora.r} on {', '.join(self.lora.targets)})"
+            f"trainable: {100 * trainable / total:.4f}% (LoRA r={self.lora.r} on {', '.join(self.lora.targets)}: "
+            f"{by_module})"
         )
 
     # ------------------------------------------------------------------ loss

@@ -8,7 +8,8 @@ from conftest import ROOT
 
 from phi3lit.cli import Phi3LitCLI, main
 from phi3lit.data import ChatDataModule
-from phi3lit.model import Phi3LoRA, apply_lora
+from phi3lit.lora import apply_lora
+from phi3lit.model import Phi3LoRA
 
 CONFIGS = sorted(p for d in ("configs", "experiments") for p in (ROOT / d).rglob("*.yaml"))
 

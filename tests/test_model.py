@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from phi3lit.data import collate, tokenize_chat
-from phi3lit.model import LoraSpec, Phi3LoRA, apply_lora
+from phi3lit.lora import LoraSpec, apply_lora
+from phi3lit.model import Phi3LoRA
 
 CONVS = [
     [{"role": "user", "content": "What is 12 + 7?"}, {"role": "assistant", "content": "12 + 7 = 19."}],
@@ -97,6 +98,6 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_path, tiny_tokenizer):
 
 def test_invalid_lora_values_fail_early():
     with pytest.raises(ValueError, match="model.lora.r"):
-        Phi3LoRA(lora=LoraSpec(r=0))
+        LoraSpec(r=0)
     with pytest.raises(ValueError, match="model.lora.dropout"):
-        Phi3LoRA(lora=LoraSpec(dropout=1.0))
+        LoraSpec(dropout=1.0)
