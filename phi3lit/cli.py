@@ -49,6 +49,19 @@ class Phi3LitCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "export":
+        from jsonargparse import CLI
+
+        from phi3lit.export import export
+
+        rest = argv[1:]
+        for i, a in enumerate(rest):  # allow the plain flag `--merge` (jsonargparse booleans take a value)
+            if a == "--merge" and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
+                rest[i] = "--merge=true"
+        out = CLI(export, args=rest, as_positional=False)
+        print(f"[phi3lit] exported to {out}")
+        return
     try:
         Phi3LitCLI(
             Phi3LoRA,
@@ -56,7 +69,7 @@ def main(args: list[str] | None = None) -> None:
             seed_everything_default=0,
             auto_configure_optimizers=False,  # AdamW + warmup/cosine are the module's own arguments
             save_config_kwargs={"overwrite": True},
-            args=args,
+            args=argv,
         )
     except DataError as e:  # the user's data, not a bug: no traceback
         print(f"phi3lit: data error: {e}", file=sys.stderr)
