@@ -62,6 +62,12 @@ def main(args: list[str] | None = None) -> None:
         out = CLI(export, args=rest, as_positional=False)
         print(f"[phi3lit] exported to {out}")
         return
+    if argv and argv[0] == "plan":
+        from phi3lit.plan import plan_from_cli
+
+        cli = Phi3LitCLI(Phi3LoRA, ChatDataModule, run=False, auto_configure_optimizers=False, args=argv[1:])
+        print(plan_from_cli(cli))
+        return
     try:
         Phi3LitCLI(
             Phi3LoRA,

@@ -51,6 +51,9 @@ def test_checkpoint_holds_only_lora_and_training_state(run_dir):
     assert ckpt["global_step"] == 150
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
     assert ckpt["phi3lit"]["lora"]["r"] == 16
+    # LoRA weights + two AdamW moments in fp32 (what `plan` predicts), plus a little loop state; no base.
+    size = (run_dir / "checkpoints" / "last.ckpt").stat().st_size
+    assert 3 * 4 * 114_688 < size < 3 * 4 * 114_688 + 200_000
 
 
 def test_adapter_loads_in_stock_peft_with_equal_logits(run_dir, tiny_path):
