@@ -1,4 +1,4 @@
-"""Callbacks: export the trained adapter in peft format, write `predict` replies to JSONL.
+"""Callbacks: training telemetry, generation samples, the peft adapter at the end of fit, `predict` output.
 
 LoRA-only checkpoints are the module's own business (`Phi3LoRA.on_save_checkpoint`), so Lightning's
 stock `ModelCheckpoint` writes them; `fit --ckpt_path last` finds `<run dir>/checkpoints/last.ckpt`.
@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+
+from phi3lit.data import IGNORE_INDEX
 
 
 class SaveAdapter(L.Callback):
@@ -55,3 +60,205 @@ class PredictionWriter(BasePredictionWriter):
                 f.write(json.dumps({"messages": messages, "reply": reply}) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------- telemetry
+# Dense bf16 tensor-core peaks (FLOP/s) from vendor spec sheets, used when `monitor.peak_flops` is not set.
+KNOWN_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.25) -> float:
+    """Achieved FLOP/s of a square matmul on this device: the roof MFU is measured against when none is known.
+
+    Best of three rounds, so a round that shares the cores with start-up work does not lower the roof.
+    """
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        iters, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            iters += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - start))
+    return best
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA max-allocated on GPU; the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+
+
+class TrainMonitor(L.Callback):
+    def __init__(self, peak_flops: float | None = None, plot: bool = True):
+        """
+        Args:
+            peak_flops: the device's peak FLOP/s for `train/mfu`. Default: the spec sheet's dense bf16 peak for
+                known GPUs (H100/H200 989e12), else a matmul measured on the device at start.
+            plot: write `curves.png` (loss and lr against step) to the run folder at the end of fit.
+        """
+        self.peak_flops = peak_flops
+        self.plot = plot
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        trainable, total = pl_module.param_counts()
+        embed = pl_module.model.get_base_model().get_input_embeddings().weight.numel()
+        config = pl_module.model.get_base_model().config
+        # Frozen matmuls cost forward (2N) + input-gradient (2N) per token; trained ones also their weight
+        # gradient (+2N). Embedding lookups are not matmuls. Attention adds 12 * layers * hidden per token per
+        # attended position (forward 4 * hidden * ctx, backward twice that), counted from the batch.
+        self.flops_per_token = 4 * (total - trainable - embed) + 6 * trainable
+        self.attn_flops_per_ctx = 12 * config.num_hidden_layers * config.hidden_size
+        device = pl_module.device
+        if self.peak_flops is None:
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+            known = [v for k, v in KNOWN_PEAKS.items() if k in name]
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            self.peak_flops = known[0] if known else measure_matmul_flops(device, dtype)
+        rank_zero_info(f"[phi3lit] MFU is measured against {self.peak_flops / 1e12:.2f} TFLOP/s")
+        self._reset(time.perf_counter())
+        self.run_tokens, self.run_seconds = 0, 0.0
+
+    def _reset(self, now: float) -> None:
+        self.t0, self.paused = now, 0.0
+        self.real = self.trained = self.slots = self.attn_ctx = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        labels, positions = batch["labels"], batch["position_ids"]
+        real = batch.get("real_tokens")
+        self.real += int(real) if real is not None else labels.numel()
+        self.trained += (labels[:, 1:] != IGNORE_INDEX).sum()  # stays on device until a log step
+        self.slots += labels.numel()
+        self.attn_ctx += (positions + 1).sum()
+        # Log once per optimizer step (not per micro-batch), every log_every_n_steps.
+        if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
+            return
+        now = time.perf_counter()
+        seconds = max(now - self.t0 - self.paused, 1e-9)
+        flops = self.flops_per_token * self.real + self.attn_flops_per_ctx * float(self.attn_ctx)
+        stats = {
+            "train/tokens_per_sec": self.real / seconds,
+            "train/trained_tokens_per_sec": float(self.trained) / seconds,
+            "train/mfu": flops / seconds / self.peak_flops,
+            "train/padding_efficiency": self.real / self.slots,
+            "train/peak_memory_gb": peak_memory_gb(pl_module.device),
+        }
+        pl_module.log("train/tokens_per_sec", stats.pop("train/tokens_per_sec"), prog_bar=True)
+        pl_module.log_dict(stats)
+        self.run_tokens += self.real
+        self.run_seconds += seconds
+        self._reset(now)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.training:  # validation inside fit: not training time
+            self.paused += time.perf_counter() - self._val_start
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        final = {
+            "hp/val_loss": metrics.get("val/loss"),
+            "hp/val_ppl": metrics.get("val/ppl"),
+            "hp/tokens_per_sec": self.run_tokens / self.run_seconds if self.run_seconds else None,
+        }
+        final = {k: float(v) for k, v in final.items() if v is not None}
+        for logger in trainer.loggers:
+            logger.log_metrics(final, step=trainer.global_step)
+            logger.save()
+        if self.plot and trainer.is_global_zero:
+            plot_curves(trainer)
+
+
+def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def plot_curves(trainer) -> Path | None:
+    """`<run>/curves.png`: train and val loss, and the learning rate, against step; also a TensorBoard image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log_dir = getattr(trainer.logger, "log_dir", None)
+    if log_dir is None or not Path(log_dir).is_dir():
+        return None
+    scalars = read_scalars(log_dir)
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for tag, style in (("train/loss", "-"), ("val/loss", "o-")):
+        if tag in scalars:
+            steps, values = zip(*scalars[tag], strict=True)
+            ax_loss.plot(steps, values, style, label=tag)
+    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax_loss.legend()
+    if "train/lr" in scalars:
+        steps, values = zip(*scalars["train/lr"], strict=True)
+        ax_lr.plot(steps, values)
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    fig.tight_layout()
+    out = Path(trainer.default_root_dir) / "curves.png"
+    fig.savefig(out, dpi=100)
+    experiment = getattr(trainer.logger, "experiment", None)
+    if hasattr(experiment, "add_figure"):
+        experiment.add_figure("curves", fig, global_step=trainer.global_step)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------- generation samples
+class SampleReplies(L.Callback):
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        prompts_file: str | None = None,
+        max_new_tokens: int = 48,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ):
+        """
+        Args:
+            prompts: user messages answered at every validation; replies go to TensorBoard's TEXT tab.
+            prompts_file: more prompts: a .jsonl of `{"messages": [...]}` or a text file, one prompt per line.
+            max_new_tokens: reply length limit; decoding also stops at <|end|> or <|endoftext|>.
+            temperature: 0 for greedy decoding, else sampling at this temperature.
+            top_p: nucleus sampling threshold when sampling.
+        """
+        conversations = [[{"role": "user", "content": p}] for p in prompts or []]
+        if prompts_file:
+            path = Path(prompts_file)
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            if path.suffix == ".jsonl":
+                conversations += [json.loads(line)["messages"] for line in lines]
+            else:
+                conversations += [[{"role": "user", "content": line}] for line in lines]
+        self.conversations = conversations
+        self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        self.history: list[tuple[int, list[str]]] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self.conversations or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        from phi3lit.generate import generate_replies
+
+        replies = generate_replies(pl_module.model, pl_module.tokenizer, self.conversations, **self.kw)
+        self.history.append((trainer.global_step, replies))
+        rows = ["| prompt | reply |", "| --- | --- |"]
+        for conv, reply in zip(self.conversations, replies, strict=True):
+            cell = lambda t: t.replace("|", "\\|").replace("\n", "<br>")
+            rows.append(f"| {cell(conv[-1]['content'])} | {cell(reply)} |")
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text("samples", "\n".join(rows), global_step=trainer.global_step)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from phi3lit.callbacks import PredictionWriter, SaveAdapter
+from phi3lit.callbacks import PredictionWriter, SampleReplies, SaveAdapter, TrainMonitor
 from phi3lit.data import ChatDataModule, DataError
 from phi3lit.model import Phi3LoRA
 
@@ -24,11 +25,38 @@ def _checkpoint_dir(root: str | None) -> str:
     return os.path.join(root or os.getcwd(), "checkpoints")
 
 
+class RunConfig(SaveConfigCallback):
+    """Writes the resolved config to `<run>/config.yaml` (beside the checkpoints) and `tb/config.yaml`, and logs
+    it with the LoRA facts to TensorBoard's HPARAMS tab, so runs can be sorted and compared there."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero:
+            root = Path(trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, root / "config.yaml", skip_none=False, overwrite=True)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        scalar = (int, float, str, bool)
+        flat = {k: v if isinstance(v, scalar) else str(v) for k, v in vars(self.config.as_flat()).items()}
+        trainable, total = pl_module.param_counts()
+        lora = pl_module.lora
+        flat |= {
+            "lora/r": lora.r, "lora/alpha": lora.alpha, "lora/targets": ",".join(lora.targets),
+            "lora/trainable_params": trainable, "lora/total_params": total,
+        }  # fmt: skip
+        placeholders = {"hp/val_loss": 0.0, "hp/val_ppl": 0.0, "hp/tokens_per_sec": 0.0}  # set at the end of fit
+        for logger in trainer.loggers:
+            logger.log_hyperparams(flat, placeholders)
+
+
 class Phi3LitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SaveAdapter, "adapter")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(TrainMonitor, "monitor")
+        parser.add_lightning_class_args(SampleReplies, "samples")
         # One source of truth for values that data and model share.
         parser.link_arguments("model.pretrained", "data.tokenizer")
         parser.link_arguments("data.max_length", "model.max_length")
@@ -44,7 +72,7 @@ class Phi3LitCLI(LightningCLI):
             root = trainer.default_root_dir or os.getcwd()
             trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(save_dir=root, name="tb", version=""),
+                init_args=Namespace(save_dir=root, name="tb", version="", default_hp_metric=False),
             )
 
 
@@ -74,6 +102,7 @@ def main(args: list[str] | None = None) -> None:
             ChatDataModule,
             seed_everything_default=0,
             auto_configure_optimizers=False,  # AdamW + warmup/cosine are the module's own arguments
+            save_config_callback=RunConfig,
             save_config_kwargs={"overwrite": True},
             args=argv,
         )

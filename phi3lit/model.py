@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from phi3lit.data import IGNORE_INDEX
+from phi3lit.generate import generate_ids
 from phi3lit.lora import LoraSpec, apply_lora, effective_trainable, trainable_by_module
 from phi3lit.tiny import resolve_pretrained
 
@@ -65,6 +66,7 @@ class Phi3LoRA(L.LightningModule):
         warmup_ratio: float = 0.0,
         min_lr_ratio: float = 0.1,
         max_new_tokens: int = 64,
+        adapter: str | None = None,
     ):
         """
         Args:
@@ -82,14 +84,16 @@ class Phi3LoRA(L.LightningModule):
             warmup_ratio: warmup as a share of all optimizer steps (the model card uses 0.2); the larger wins.
             min_lr_ratio: cosine decay ends at `lr * min_lr_ratio` on the last step.
             max_new_tokens: reply length limit for `predict`.
+            adapter: a saved peft adapter folder to start from instead of fresh LoRA weights (e.g. to `predict`
+                or `test` with `<run>/adapter`); `lora` must then describe the same adapter.
         """
         super().__init__()
         lora = lora or LoraSpec()  # LoraSpec validates itself
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # RunConfig logs the whole resolved config instead
         self.lora = lora
         self.tokenizer = None
         self.model = None  # built in configure_model, so parsing a config never loads weights
-        self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
+        self.val_loss_sum, self.val_tokens, self.val_correct = SumMetric(), SumMetric(), SumMetric()
         self._step_loss = self._step_tokens = None
 
     # ------------------------------------------------------------------ setup
@@ -117,7 +121,12 @@ class Phi3LoRA(L.LightningModule):
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
             base.enable_input_require_grads()
-        self.model = apply_lora(base, self.lora)
+        if hp.adapter:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(base, hp.adapter, is_trainable=True)
+        else:
+            self.model = apply_lora(base, self.lora)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(hp.pretrained))  # for decoding replies
 
     def param_counts(self) -> tuple[int, int]:
@@ -134,8 +143,8 @@ class Phi3LoRA(L.LightningModule):
         )
 
     # ------------------------------------------------------------------ loss
-    def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of next-token cross-entropies over trained positions, number of trained positions).
+    def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum of next-token cross-entropies over trained positions, number of them, number predicted right).
 
         Logits are computed only at trained positions: the LM head over all positions would cost
         `tokens x 32064` floats for nothing when only assistant tokens are trained.
@@ -149,7 +158,9 @@ class Phi3LoRA(L.LightningModule):
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
         logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
-        return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+        gold = targets[keep]
+        correct = (logits.detach().argmax(-1) == gold).sum()
+        return F.cross_entropy(logits, gold, reduction="sum"), keep.sum(), correct
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # Restored here, not at load time, so that nothing Lightning does in between shifts the streams.
@@ -158,7 +169,7 @@ class Phi3LoRA(L.LightningModule):
             self._rng_to_restore = None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss_sum, n = self.token_losses(batch)
+        loss_sum, n, _ = self.token_losses(batch)
         if self._step_loss is None:
             self._step_loss, self._step_tokens = torch.zeros_like(loss_sum), torch.zeros_like(n)
         self._step_loss += loss_sum.detach()
@@ -176,19 +187,25 @@ class Phi3LoRA(L.LightningModule):
         self._step_loss = self._step_tokens = None
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
+        if self.trainer._logger_connector.should_update_logs:  # the norm costs a pass over all grads: log steps only
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # before clipping
 
     def _eval_step(self, batch: dict) -> None:
-        loss_sum, n = self.token_losses(batch)
+        loss_sum, n, correct = self.token_losses(batch)
         self.val_loss_sum.update(loss_sum)
         self.val_tokens.update(n)
+        self.val_correct.update(correct)
 
     def _eval_epoch_end(self, prefix: str) -> None:
         # Token-weighted over the whole set (and all ranks: torchmetrics syncs), not a mean of batch means.
-        loss = self.val_loss_sum.compute() / self.val_tokens.compute().clamp_min(1)
+        tokens = self.val_tokens.compute().clamp_min(1)
+        loss = self.val_loss_sum.compute() / tokens
         self.log(f"{prefix}/loss", loss, prog_bar=True)
         self.log(f"{prefix}/ppl", torch.exp(loss))
-        self.val_loss_sum.reset()
-        self.val_tokens.reset()
+        self.log(f"{prefix}/token_acc", self.val_correct.compute() / tokens)
+        for metric in (self.val_loss_sum, self.val_tokens, self.val_correct):
+            metric.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -203,20 +220,11 @@ class Phi3LoRA(L.LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
-        """Greedy replies to left-padded prompts; the KV cache is used here and only here."""
-        tok = self.tokenizer
-        stop = tok.convert_tokens_to_ids(["<|end|>", tok.eos_token])
-        stop = [i for i in stop if i is not None and i != tok.unk_token_id]  # unknown tokens map to <unk>
-        out = self.model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            eos_token_id=stop,
-            pad_token_id=tok.unk_token_id or 0,
+        """Greedy replies to left-padded prompts (the KV cache is used here and only here)."""
+        replies = generate_ids(
+            self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.hparams.max_new_tokens
         )
-        return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies]
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):

@@ -1,6 +1,8 @@
 """Shared fixtures. Tests never touch the network: hub access is switched off before anything imports it."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -39,3 +41,15 @@ def real_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(REAL_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """The README's main job, exactly as a user runs it."""
+    out = tmp_path_factory.mktemp("tiny")
+    config = str(ROOT / "configs" / "tiny.yaml")
+    cmd = [sys.executable, "-m", "phi3lit", "fit", "--config", config, "--trainer.default_root_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trainable params: 114,688" in proc.stdout + proc.stderr
+    return out

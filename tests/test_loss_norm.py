@@ -53,7 +53,7 @@ def test_accumulated_step_equals_one_big_batch(tiny_path, data):
     from phi3lit.data import collate
 
     module.zero_grad()
-    loss_sum, n = module.token_losses(collate(rows, pad_id=0))
+    loss_sum, n, _ = module.token_losses(collate(rows, pad_id=0))
     (loss_sum / n).backward()
     expected = {k: p.grad for k, p in module.named_parameters() if p.requires_grad}
     tokens = [module.token_losses(collate([r], pad_id=0))[1].item() for r in rows]

@@ -59,9 +59,9 @@ def separate_and_packed(module, tok):
     convs = [tokenize_chat(c, tok) for c in CONVS]
     total, n = 0.0, 0
     for c in convs:
-        s, k = module.token_losses(collate([[c]], pad_id=0))
+        s, k, _ = module.token_losses(collate([[c]], pad_id=0))
         total, n = total + s, n + k
-    packed_sum, packed_n = module.token_losses(collate([convs], pad_id=0))
+    packed_sum, packed_n, _ = module.token_losses(collate([convs], pad_id=0))
     return total / n, packed_sum / packed_n, n, packed_n
 
 
