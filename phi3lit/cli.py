@@ -90,6 +90,13 @@ def main(args: list[str] | None = None) -> None:
         out = CLI(export, args=rest, as_positional=False)
         print(f"[phi3lit] exported to {out}")
         return
+    if argv and argv[0] == "chat":
+        from jsonargparse import CLI
+
+        from phi3lit.chat import chat
+
+        CLI(chat, args=argv[1:], as_positional=False)
+        return
     if argv and argv[0] == "plan":
         from phi3lit.plan import plan_from_cli
 
