@@ -1,4 +1,4 @@
-"""Callbacks: training telemetry, generation samples, the peft adapter at the end of fit, `predict` output.
+"""Callbacks: telemetry, generation samples, the peft adapter at the end of fit, `predict` output, run guard.
 
 LoRA-only checkpoints are the module's own business (`Phi3LoRA.on_save_checkpoint`), so Lightning's
 stock `ModelCheckpoint` writes them; `fit --ckpt_path last` finds `<run dir>/checkpoints/last.ckpt`.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -17,7 +19,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from phi3lit.checkpoint import AtomicCheckpointIO
 from phi3lit.data import IGNORE_INDEX
+from phi3lit.errors import EnvironmentProblem
 
 
 class SaveAdapter(L.Callback):
@@ -30,7 +34,8 @@ class SaveAdapter(L.Callback):
         self.dirname = dirname
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        preempted = any(getattr(cb, "preempted", False) for cb in trainer.callbacks)
+        if not trainer.is_global_zero or preempted:  # an unfinished run has no final adapter yet
             return
         out = Path(trainer.default_root_dir) / self.dirname
         pl_module.model.save_pretrained(out)
@@ -262,3 +267,69 @@ class SampleReplies(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             experiment.add_text("samples", "\n".join(rows), global_step=trainer.global_step)
+
+
+# ---------------------------------------------------------------------------- reliability
+class RunGuard(L.Callback):
+    def __init__(self, min_free_mb: int = 256, signals: list[str] | None = None):
+        """
+        Args:
+            min_free_mb: `fit` refuses to start when the run folder's disk has less free space than this.
+            signals: signals that mean "save and stop" (cluster preemption); default SIGTERM and SIGUSR1.
+        """
+        self.min_free_mb = min_free_mb
+        self.signals = signals if signals is not None else ["SIGTERM", "SIGUSR1"]
+        self.preempted = False
+        self._received: str | None = None
+        self._previous: dict = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":  # leave FSDP/DeepSpeed IO alone
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Installed after Lightning's own handlers, which would raise on SIGTERM without saving.
+        for name in self.signals:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._received = signal.Signals(signum).name  # act at the next step boundary, not mid-step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._received is None or trainer.fit_loop._should_accumulate():
+            return
+        path = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
+        trainer.save_checkpoint(path / "last.ckpt")
+        rank_zero_info(
+            f"[phi3lit] {self._received}: saved {path / 'last.ckpt'} at step {trainer.global_step}; stopping. "
+            "Resume with --ckpt_path last"
+        )
+        self.preempted = True
+        trainer.should_stop = True
+        self._received = None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def check_writable(root: Path, min_free_mb: int) -> None:
+    """Fail before training, with the folder named, when the run folder cannot take checkpoints."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".phi3lit-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise EnvironmentProblem(
+            f"trainer.default_root_dir={str(root)!r} is not writable ({e.strerror or e}); "
+            "choose a folder you can write to with --trainer.default_root_dir"
+        ) from None
+    free_mb = shutil.disk_usage(root).free / 2**20
+    if free_mb < min_free_mb:
+        raise EnvironmentProblem(
+            f"trainer.default_root_dir={str(root)!r} has {free_mb:.0f} MiB free, less than guard.min_free_mb="
+            f"{min_free_mb}; free space or choose another folder"
+        )

@@ -16,8 +16,10 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from phi3lit.callbacks import PredictionWriter, SampleReplies, SaveAdapter, TrainMonitor
+from phi3lit.callbacks import PredictionWriter, RunGuard, SampleReplies, SaveAdapter, TrainMonitor, check_writable
+from phi3lit.checkpoint import read_checkpoint
 from phi3lit.data import ChatDataModule, DataError
+from phi3lit.errors import EnvironmentProblem, Phi3litError
 from phi3lit.model import Phi3LoRA
 
 
@@ -57,6 +59,7 @@ class Phi3LitCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(TrainMonitor, "monitor")
         parser.add_lightning_class_args(SampleReplies, "samples")
+        parser.add_lightning_class_args(RunGuard, "guard")
         # One source of truth for values that data and model share.
         parser.link_arguments("model.pretrained", "data.tokenizer")
         parser.link_arguments("data.max_length", "model.max_length")
@@ -64,9 +67,20 @@ class Phi3LitCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{step:06d}"})
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would unpickle the checkpoint here to copy its hyper-parameters over the config. In phi3lit
+        # the config is the source of truth (a LoRA mismatch is reported on load), so only check it is readable.
+        if self.config.get("subcommand"):
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).suffix:
+                read_checkpoint(ckpt_path)
+
     def before_instantiate_classes(self) -> None:
-        # TensorBoard in the run folder by default (Lightning's default would be version_N folders).
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_devices(config)
+        if self.subcommand == "fit":  # before any logger or callback creates folders in it
+            check_writable(Path(config.trainer.default_root_dir or os.getcwd()), config.guard.min_free_mb)
+        # TensorBoard in the run folder by default (Lightning's default would be version_N folders).
         trainer = config.trainer
         if trainer.logger in (None, True):
             root = trainer.default_root_dir or os.getcwd()
@@ -74,6 +88,22 @@ class Phi3LitCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(save_dir=root, name="tb", version="", default_hp_metric=False),
             )
+
+
+def check_devices(config) -> None:
+    """Settings that need a GPU fail here, before anything loads, with the key that asks for it."""
+    import torch
+
+    cuda = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
+    precision = str(config.trainer.precision)
+    if precision.startswith("transformer-engine") and not cuda:
+        raise EnvironmentProblem(f"trainer.precision={precision} (FP8) is GPU-only: use 32-true or bf16-mixed on CPU")
+    if "bf16" in precision and cuda and not torch.cuda.is_bf16_supported():
+        raise EnvironmentProblem(f"trainer.precision={precision}: this GPU has no bf16; use 16-mixed")
+    if config.model.attn_implementation == "flash_attention_2" and not cuda:
+        raise EnvironmentProblem(
+            "model.attn_implementation=flash_attention_2 is GPU-only (CUDA): use sdpa on this machine"
+        )
 
 
 def main(args: list[str] | None = None) -> None:
@@ -111,8 +141,21 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,  # AdamW + warmup/cosine are the module's own arguments
             save_config_callback=RunConfig,
             save_config_kwargs={"overwrite": True},
-            args=argv,
+            args=None if args is None else argv,
         )
-    except DataError as e:  # the user's data, not a bug: no traceback
-        print(f"phi3lit: data error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:  # the user's input or environment, not a bug: a message, no traceback
+        known = _explained(e)
+        if known is None:
+            raise
+        kind = "data" if isinstance(known, DataError) else known.kind
+        print(f"phi3lit: {kind} error: {known}", file=sys.stderr)
+        sys.exit(getattr(known, "exit_code", 2))
+
+
+def _explained(e: BaseException | None) -> BaseException | None:
+    """The phi3lit error behind `e` (jsonargparse and Lightning wrap exceptions in their own)."""
+    while e is not None:
+        if isinstance(e, Phi3litError | DataError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None

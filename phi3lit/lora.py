@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from phi3lit.errors import ConfigError
+
 FUSED = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
 LOGICAL = {
     "q": "qkv_proj", "k": "qkv_proj", "v": "qkv_proj", "o": "o_proj",
@@ -63,30 +65,30 @@ class LoraSpec:
 
     def __post_init__(self):
         if self.r <= 0:
-            raise ValueError(f"model.lora.r must be positive, got {self.r}")
+            raise ConfigError(f"model.lora.r must be positive, got {self.r}")
         if self.alpha <= 0:
-            raise ValueError(f"model.lora.alpha must be positive, got {self.alpha}")
+            raise ConfigError(f"model.lora.alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.targets and not self.modules_to_save:
-            raise ValueError("model.lora.targets is empty: nothing would be trained")
+            raise ConfigError("model.lora.targets is empty: nothing would be trained")
         plan = resolve_targets(self.targets)  # raises on unknown names
         saved = {_module_name(m, "model.lora.modules_to_save") for m in self.modules_to_save}
         if saved & set(plan):
-            raise ValueError(f"model.lora: {sorted(saved & set(plan))} is both a LoRA target and in modules_to_save")
+            raise ConfigError(f"model.lora: {sorted(saved & set(plan))} is both a LoRA target and in modules_to_save")
         sliced = [m for m, s in plan.items() if s is not None]
         if sliced and (self.use_dora or self.init in ("pissa", "olora")):
-            raise ValueError(
+            raise ConfigError(
                 f"model.lora: slice targets ({', '.join(self.targets)}) adapt part of {', '.join(sliced)}; "
                 "use_dora and pissa/olora init act on whole weight rows and would change the disabled slices. "
                 "Target whole modules (qkv_proj, gate_up_proj) to use them."
             )
         clash = (set(self.rank_pattern) | set(self.alpha_pattern)) & set(sliced)
         if clash:
-            raise ValueError(f"model.lora: rank/alpha patterns for sliced modules {sorted(clash)} are not supported")
+            raise ConfigError(f"model.lora: rank/alpha patterns for sliced modules {sorted(clash)} are not supported")
         for key, value in self.rank_pattern.items():
             if value <= 0:
-                raise ValueError(f"model.lora.rank_pattern[{key!r}] must be positive, got {value}")
+                raise ConfigError(f"model.lora.rank_pattern[{key!r}] must be positive, got {value}")
 
 
 def _module_name(name: str, where: str) -> str:
@@ -94,7 +96,7 @@ def _module_name(name: str, where: str) -> str:
         return name
     if name in LOGICAL and LOGICAL[name] not in FUSED:
         return LOGICAL[name]
-    raise ValueError(f"{where}: {name!r} is not a whole module; use one of {sorted(RAW | {'embed', 'o', 'down'})}")
+    raise ConfigError(f"{where}: {name!r} is not a whole module; use one of {sorted(RAW | {'embed', 'o', 'down'})}")
 
 
 def resolve_targets(targets: list[str]) -> dict[str, tuple[str, ...] | None]:
@@ -113,7 +115,7 @@ def resolve_targets(targets: list[str]) -> dict[str, tuple[str, ...] | None]:
                 slices.setdefault(module, set()).update([t] if module in FUSED else [])
             else:
                 known = sorted(PRESETS) + sorted(LOGICAL) + sorted(RAW)
-                raise ValueError(f"model.lora.targets: unknown target {t!r}; known: {', '.join(known)}")
+                raise ConfigError(f"model.lora.targets: unknown target {t!r}; known: {', '.join(known)}")
     plan = {}
     for module, enabled in slices.items():
         order = FUSED.get(module, ())
@@ -243,7 +245,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: Literal["none", "all", "
     `none`: no bias trains; `all`: every bias trains; `lora_only`: only biases of LoRA-adapted layers.
     """
     if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"bias must be none, all or lora_only, got {bias!r}")
+        raise ConfigError(f"bias must be none, all or lora_only, got {bias!r}")
     prefixes = _lora_module_prefixes(model)
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name or _bias_selected(name, bias, prefixes)

@@ -17,6 +17,7 @@ Checkpoints hold only the trainable (LoRA) tensors; the frozen base is reloaded 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 from dataclasses import asdict
@@ -29,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from phi3lit.data import IGNORE_INDEX
+from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, NonFiniteError, missing_model
 from phi3lit.generate import generate_ids
 from phi3lit.lora import LoraSpec, apply_lora, effective_trainable, trainable_by_module
 from phi3lit.tiny import resolve_pretrained
@@ -54,7 +56,7 @@ class Phi3LoRA(L.LightningModule):
     def __init__(
         self,
         pretrained: str = "builtin:tiny-phi3",
-        lora: LoraSpec | None = None,
+        lora: LoraSpec = LoraSpec(),  # noqa: B008 (a frozen-by-convention default, jsonargparse shows it)
         torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
         attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
         gradient_checkpointing: bool = False,
@@ -67,6 +69,8 @@ class Phi3LoRA(L.LightningModule):
         min_lr_ratio: float = 0.1,
         max_new_tokens: int = 64,
         adapter: str | None = None,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+        max_skipped_steps: int = 10,
     ):
         """
         Args:
@@ -86,9 +90,11 @@ class Phi3LoRA(L.LightningModule):
             max_new_tokens: reply length limit for `predict`.
             adapter: a saved peft adapter folder to start from instead of fresh LoRA weights (e.g. to `predict`
                 or `test` with `<run>/adapter`); `lora` must then describe the same adapter.
+            on_nonfinite: a NaN/inf loss or gradient either stops training at once (the last good checkpoint
+                is kept), or skips that optimizer step.
+            max_skipped_steps: with `skip`, stop anyway after this many skipped steps.
         """
         super().__init__()
-        lora = lora or LoraSpec()  # LoraSpec validates itself
         self.save_hyperparameters(logger=False)  # RunConfig logs the whole resolved config instead
         self.lora = lora
         self.tokenizer = None
@@ -100,18 +106,29 @@ class Phi3LoRA(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         hp = self.hparams
+        if hp.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise EnvironmentProblem(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package (CUDA GPUs only): "
+                "pip install flash-attn --no-build-isolation, or use model.attn_implementation=sdpa"
+            )
+        path = resolve_pretrained(hp.pretrained)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except OSError as e:
+            raise missing_model(hp.pretrained, e) from None
+        if hp.max_length > config.max_position_embeddings:  # checked before reading any weights
+            raise ConfigError(
+                f"data.max_length={hp.max_length} exceeds the model's {config.max_position_embeddings} positions"
+            )
         base = AutoModelForCausalLM.from_pretrained(
-            resolve_pretrained(hp.pretrained),
+            path,
+            config=config,
             dtype=hp.torch_dtype if hp.torch_dtype == "auto" else getattr(torch, hp.torch_dtype),
             attn_implementation=hp.attn_implementation,
         )
-        if hp.max_length > base.config.max_position_embeddings:
-            raise ValueError(
-                f"data.max_length {hp.max_length} exceeds the model's {base.config.max_position_embeddings} positions"
-            )
         if hp.gradient_checkpointing:
             # Non-reentrant checkpointing propagates grads to LoRA weights even though the frozen
             # embedding output has requires_grad=False; input grads are enabled for reentrant-safe peft paths.
@@ -172,6 +189,8 @@ class Phi3LoRA(L.LightningModule):
         loss_sum, n, _ = self.token_losses(batch)
         if self._step_loss is None:
             self._step_loss, self._step_tokens = torch.zeros_like(loss_sum), torch.zeros_like(n)
+            self._step_sources = []
+        self._step_sources += batch.get("sources", [])
         self._step_loss += loss_sum.detach()
         self._step_tokens += n
         return loss_sum
@@ -185,11 +204,32 @@ class Phi3LoRA(L.LightningModule):
             if p.grad is not None:
                 p.grad.mul_(scale.to(p.grad.dtype))
         self._step_loss = self._step_tokens = None
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)  # before clipping
+        if not torch.isfinite(loss + norm):  # one host sync per step: the price of stopping at once
+            self._nonfinite_step(loss, norm)
+            return
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
-        if self.trainer._logger_connector.should_update_logs:  # the norm costs a pass over all grads: log steps only
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))  # before clipping
+        self.log("train/grad_norm", norm)
+
+    def _nonfinite_step(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        step = self.trainer.global_step
+        sources = sorted(set(self._step_sources))
+        more = " ..." if len(sources) > 8 else ""
+        where = f"; the step's examples: {', '.join(sources[:8])}{more}" if sources else ""
+        self._skipped = getattr(self, "_skipped", 0) + 1
+        if self.hparams.on_nonfinite == "skip" and self._skipped <= self.hparams.max_skipped_steps:
+            for p in self.parameters():
+                p.grad = None  # AdamW leaves parameters without a gradient untouched: the step is skipped
+            self.log("train/skipped_steps", float(self._skipped))
+            rank_zero_info(f"[phi3lit] skipped step {step}: loss {loss.item()}, grad norm {norm.item()}{where}")
+            return
+        raise NonFiniteError(
+            f"non-finite loss ({loss.item()}) or gradient norm ({norm.item()}) at optimizer step {step}{where}. "
+            "Nothing was applied and no checkpoint was written after it; the last good checkpoint is in "
+            "checkpoints/. Lower model.lr, check the data, or set model.on_nonfinite=skip."
+        )
 
     def _eval_step(self, batch: dict) -> None:
         loss_sum, n, correct = self.token_losses(batch)
@@ -257,12 +297,12 @@ class Phi3LoRA(L.LightningModule):
         saved = checkpoint.get("phi3lit", {}).get("lora")
         if saved is not None and saved != asdict(self.lora):
             diff = {k: (saved.get(k), v) for k, v in asdict(self.lora).items() if saved.get(k) != v}
-            raise ValueError(
+            raise CheckpointError(
                 "checkpoint LoRA config differs from this run's: "
-                + "; ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+                + "; ".join(f"model.lora.{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in diff.items())
             )
         self._rng_to_restore = checkpoint.get("rng")
         if self.model is not None:
             missing = self.trainable_names() - set(checkpoint["state_dict"])
             if missing:
-                raise ValueError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[0]}")
+                raise CheckpointError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[0]}")

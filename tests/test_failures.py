@@ -1,0 +1,224 @@
+"""Failure modes: kills and preemption, bad checkpoints, non-finite training, environment and config errors.
+
+Every case asserts the message a user sees, the exit code, and that no good checkpoint was overwritten.
+Kills and signals are real: subprocesses and os.kill.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from phi3lit.checkpoint import atomic_torch_save
+from phi3lit.cli import main
+from phi3lit.tiny import TINY_DATA
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("".join(TINY_DATA.read_text().splitlines(keepends=True)[:60]))
+    return path
+
+
+def fit_cmd(data, root, *extra):
+    return [
+        sys.executable, "-m", "phi3lit", "fit", "--config", TINY, "--data.train_file", str(data),
+        "--data.max_length", "128", "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "4",
+        "--checkpoint.every_n_train_steps", "1", "--samples.prompts", "[]", "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", str(STEPS), *extra,
+    ]  # fmt: skip
+
+
+def run(cmd, **kw):
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+    return proc
+
+
+def weights(root):
+    return torch.load(Path(root) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def reference(small_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    proc = run(fit_cmd(small_data, root))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return weights(root)
+
+
+def wait_for(predicate, timeout=120.0, poll=0.002):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False
+
+
+# ---------------------------------------------------------------------------- kills and preemption
+@pytest.mark.parametrize("kill_after", ["step=000002", "step=000007", "tmp"], ids=["early", "late", "mid-write"])
+def test_sigkill_then_resume_gives_uninterrupted_weights(small_data, reference, tmp_path, kill_after):
+    ckpts = tmp_path / "checkpoints"
+    proc = subprocess.Popen(fit_cmd(small_data, tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if kill_after == "tmp":  # a checkpoint write in flight: its temporary file exists
+        seen = wait_for(lambda: any(".tmp-" in p.name for p in ckpts.glob("*")) if ckpts.exists() else False)
+    else:
+        seen = wait_for(lambda: (ckpts / f"{kill_after}.ckpt").exists())
+    assert seen and proc.poll() is None, "the run ended before the kill point"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    for ckpt in ckpts.glob("*.ckpt"):  # nothing partial stands under a checkpoint name
+        torch.load(ckpt, weights_only=False)
+    resumed = run(fit_cmd(small_data, tmp_path, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_weights(weights(tmp_path), reference)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_saves_and_exits_cleanly(small_data, reference, tmp_path, sig):
+    proc = subprocess.Popen(fit_cmd(small_data, tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert wait_for(lambda: (tmp_path / "checkpoints" / "step=000003.ckpt").exists())
+    os.kill(proc.pid, getattr(signal, sig))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert f"{sig}: saved" in out.decode()
+    stopped_at = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 3 <= stopped_at < STEPS
+    assert not (tmp_path / "adapter").exists()  # an unfinished run exports nothing
+    resumed = run(fit_cmd(small_data, tmp_path, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_weights(weights(tmp_path), reference)
+
+
+def test_killed_write_leaves_the_previous_file(tmp_path):
+    target = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, target)
+    code = (
+        "import torch, sys; from phi3lit.checkpoint import atomic_torch_save; "
+        "atomic_torch_save({'big': torch.ones(150_000_000)}, sys.argv[1])"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], cwd=ROOT)
+    assert wait_for(lambda: any(".tmp-" in p.name for p in tmp_path.iterdir()), poll=0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert torch.load(target, weights_only=False) == {"step": 1}
+
+
+# ---------------------------------------------------------------------------- bad checkpoints
+def explain(capsys, args, code=2):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_truncated_checkpoint_is_named(small_data, tmp_path, capsys, reference):
+    bad = tmp_path / "bad.ckpt"
+    good = ROOT / "phi3lit" / "assets" / "tiny_chat.jsonl"
+    bad.write_bytes(good.read_bytes()[:1000])
+    args = fit_cmd(small_data, tmp_path / "run", "--ckpt_path", str(bad))[3:]
+    err = explain(capsys, args)
+    assert f"phi3lit: checkpoint error: {bad}: not a readable checkpoint" in err
+
+
+def test_lora_mismatch_lists_the_difference(small_data, tmp_path, capsys):
+    run(fit_cmd(small_data, tmp_path)[:-2] + ["--trainer.max_steps", "2"])
+    before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    args = fit_cmd(small_data, tmp_path, "--ckpt_path", "last", "--model.lora.r", "8")[3:]
+    err = explain(capsys, args)
+    assert "checkpoint LoRA config differs from this run's: model.lora.r: checkpoint 16, config 8" in err
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------- non-finite training
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(small_data, tmp_path, capsys):
+    args = fit_cmd(small_data, tmp_path, "--model.lr", "1e30", "--trainer.gradient_clip_val", "null")[3:]
+    err = explain(capsys, args, code=3)
+    assert "phi3lit: training error: non-finite loss" in err and "at optimizer step" in err
+    step = int(err.split("at optimizer step ")[1].split(";")[0].split(".")[0].split()[0])
+    ckpts = sorted((tmp_path / "checkpoints").glob("step=*.ckpt"))
+    assert len(ckpts) == step  # one per applied step, none for the bad one
+    for ckpt in ckpts:
+        state = torch.load(ckpt, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values())
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_nonfinite_steps_can_be_skipped_up_to_a_limit(small_data, tmp_path, capsys):
+    extra = ["--model.lr", "1e30", "--trainer.gradient_clip_val", "null", "--model.on_nonfinite", "skip"]
+    err = explain(capsys, fit_cmd(small_data, tmp_path, *extra, "--model.max_skipped_steps", "2")[3:], code=3)
+    assert err.count("non-finite") == 1 and "at optimizer step" in err
+    out = capsys.readouterr()
+    del out
+
+
+# ---------------------------------------------------------------------------- environment
+def test_unwritable_output_folder(small_data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    err = explain(capsys, fit_cmd(small_data, blocker / "run")[3:])
+    assert f"trainer.default_root_dir='{blocker / 'run'}' is not writable" in err
+
+
+def test_not_enough_free_space(small_data, tmp_path, capsys):
+    err = explain(capsys, fit_cmd(small_data, tmp_path, "--guard.min_free_mb", str(10**12))[3:])
+    assert "MiB free, less than guard.min_free_mb=1000000000000" in err
+
+
+@pytest.mark.parametrize("name", ["/no/such/model", "microsoft/Phi-3-mini-4k-instruct"], ids=["path", "hub-offline"])
+def test_missing_model_says_how_to_point_to_weights(small_data, tmp_path, capsys, name):
+    err = explain(capsys, fit_cmd(small_data, tmp_path, "--model.pretrained", name)[3:])
+    assert f"model.pretrained='{name}': cannot load it" in err and "set model.pretrained=DIR" in err
+
+
+def test_flash_attention_needs_a_gpu(small_data, tmp_path, capsys):
+    err = explain(capsys, fit_cmd(small_data, tmp_path, "--model.attn_implementation", "flash_attention_2")[3:])
+    assert "flash_attention_2 is GPU-only" in err
+
+
+def test_fp8_precision_needs_a_gpu(small_data, tmp_path, capsys):
+    err = explain(capsys, fit_cmd(small_data, tmp_path, "--trainer.precision", "transformer-engine")[3:])
+    assert "trainer.precision=transformer-engine (FP8) is GPU-only" in err
+
+
+# ---------------------------------------------------------------------------- config validation
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model.lora.r", "0"], "model.lora.r must be positive, got 0"),
+        (["--model.lora.dropout", "1.5"], "model.lora.dropout must be in [0, 1), got 1.5"),
+        (["--model.lora.targets", "[q, qq]"], "model.lora.targets: unknown target 'qq'"),
+        (["--data.max_length", "5000"], "data.max_length=5000 exceeds the model's 1024 positions"),
+    ],
+    ids=["rank", "dropout", "target", "max_length"],
+)
+def test_impossible_config_values_fail_before_loading(small_data, tmp_path, capsys, extra, message):
+    err = explain(capsys, fit_cmd(small_data, tmp_path, *extra)[3:])
+    assert f"phi3lit: config error: {message}" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bad_data_file_fails_before_training(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
+    err = explain(capsys, fit_cmd(bad, tmp_path / "run")[3:])
+    assert f"phi3lit: data error: {bad}:2: not valid JSON" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
