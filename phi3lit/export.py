@@ -51,7 +51,8 @@ def export(
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt {ckpt}: no such checkpoint file")
-    module = Phi3LoRA.load_from_checkpoint(path, map_location="cpu")
+    # A QLoRA run merges onto the unquantized base, as users expect: the 4-bit base is only a training device.
+    module = Phi3LoRA.load_from_checkpoint(path, map_location="cpu", quantization=None)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model = module.model

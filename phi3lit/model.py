@@ -36,6 +36,24 @@ from phi3lit.lora import LoraSpec, apply_lora, effective_trainable, trainable_by
 from phi3lit.tiny import resolve_pretrained
 
 
+def quantization_config(kind: str | None):
+    """transformers' BitsAndBytesConfig for QLoRA (Dettmers et al. 2023): NF4, double quantization, bf16 compute."""
+    if kind is None:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise EnvironmentProblem(
+            f"model.quantization={kind} needs bitsandbytes: pip install 'phi3lit[qlora]' (CUDA GPU required)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
 def rng_states() -> dict:
     states = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -71,6 +89,8 @@ class Phi3LoRA(L.LightningModule):
         adapter: str | None = None,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         max_skipped_steps: int = 10,
+        lora_fp32: bool = True,
+        quantization: Literal["nf4"] | None = None,
     ):
         """
         Args:
@@ -93,6 +113,10 @@ class Phi3LoRA(L.LightningModule):
             on_nonfinite: a NaN/inf loss or gradient either stops training at once (the last good checkpoint
                 is kept), or skips that optimizer step.
             max_skipped_steps: with `skip`, stop anyway after this many skipped steps.
+            lora_fp32: keep LoRA weights (and so AdamW's state) in fp32 even under `trainer.precision=bf16-true`,
+                which otherwise casts the whole module to bf16.
+            quantization: `nf4` loads the frozen base in 4-bit NormalFloat with double quantization and bf16
+                compute (QLoRA; needs the `qlora` extra: bitsandbytes, CUDA).
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # RunConfig logs the whole resolved config instead
@@ -128,7 +152,13 @@ class Phi3LoRA(L.LightningModule):
             config=config,
             dtype=hp.torch_dtype if hp.torch_dtype == "auto" else getattr(torch, hp.torch_dtype),
             attn_implementation=hp.attn_implementation,
+            quantization_config=quantization_config(hp.quantization),
         )
+        if hp.quantization:
+            from peft import prepare_model_for_kbit_training
+
+            # Casts norms to fp32 and enables input grads, as QLoRA prescribes; checkpointing is set up below.
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         if hp.gradient_checkpointing:
             # Non-reentrant checkpointing propagates grads to LoRA weights even though the frozen
             # embedding output has requires_grad=False; input grads are enabled for reentrant-safe peft paths.
@@ -151,6 +181,12 @@ class Phi3LoRA(L.LightningModule):
         return effective_trainable(self.model), sum(p.numel() for p in self.model.parameters())
 
     def on_fit_start(self) -> None:
+        if self.hparams.lora_fp32:
+            # bf16-true casts the whole module after configure_model; bring the trainable weights back to fp32
+            # (peft casts the LoRA input to the adapter's dtype). AdamW creates its state lazily, so it is fp32 too.
+            for p in self.parameters():
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
         trainable, total = self.param_counts()
         by_module = ", ".join(f"{k} {v:,}" for k, v in sorted(trainable_by_module(self.model).items()))
         rank_zero_info(
@@ -187,6 +223,9 @@ class Phi3LoRA(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, n, _ = self.token_losses(batch)
+        if self._deepspeed:  # gradients live in DeepSpeed's partitions: fall back to a per-micro-batch mean
+            self.log("train/loss", loss_sum.detach() / n.clamp_min(1), prog_bar=True)
+            return loss_sum / n.clamp_min(1)
         if self._step_loss is None:
             self._step_loss, self._step_tokens = torch.zeros_like(loss_sum), torch.zeros_like(n)
             self._step_sources = []
@@ -195,7 +234,13 @@ class Phi3LoRA(L.LightningModule):
         self._step_tokens += n
         return loss_sum
 
+    @property
+    def _deepspeed(self) -> bool:
+        return type(self.trainer.strategy).__name__ == "DeepSpeedStrategy"
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self._deepspeed:
+            return
         strategy = self.trainer.strategy
         tokens = strategy.reduce(self._step_tokens.float(), reduce_op="sum").clamp_min(1)
         loss = strategy.reduce(self._step_loss, reduce_op="sum") / tokens

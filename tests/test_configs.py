@@ -11,7 +11,9 @@ from phi3lit.data import ChatDataModule
 from phi3lit.lora import apply_lora
 from phi3lit.model import Phi3LoRA
 
-CONFIGS = sorted(p for d in ("configs", "experiments") for p in (ROOT / d).rglob("*.yaml"))
+FRAGMENTS = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))  # combined with a model config
+CONFIGS = sorted(p for d in ("configs", "experiments") for p in (ROOT / d).rglob("*.yaml") if p not in FRAGMENTS)
+CONFIGS = [p for p in CONFIGS if "experiments" not in p.parts or p.parent.name != "results"]
 
 
 def build(config: Path, tmp_path, *extra: str) -> Phi3LitCLI:
@@ -57,3 +59,32 @@ def test_print_config_is_rerunnable(tmp_path, capsys):
     assert "max_steps: 150" in printed.read_text()
     main(["fit", "--config", str(printed), "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path)])
     assert (tmp_path / "checkpoints" / "last.ckpt").exists() and (tmp_path / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=[p.name for p in FRAGMENTS])
+def test_strategy_fragments_compose_with_model_configs(fragment, capsys):
+    for base in ("tiny.yaml", "phi3-mini-4k-lora.yaml"):
+        with pytest.raises(SystemExit) as e:  # parse, validate and print; no instantiation (GPU/extras)
+            main(["fit", "--config", str(ROOT / "configs" / base), "--config", str(fragment), "--print_config"])
+        assert e.value.code in (0, None)
+        printed = capsys.readouterr().out
+        assert "strategy:" in printed
+
+
+def test_ddp_fragment_instantiates_on_cpu(tmp_path):
+    cli = build(ROOT / "configs" / "tiny.yaml", tmp_path, "--config", str(ROOT / "configs" / "strategy" / "ddp.yaml"))
+    assert type(cli.trainer.strategy).__name__ == "DDPStrategy"
+
+
+def test_qlora_config_wiring(tmp_path):
+    import importlib.util
+
+    from phi3lit.errors import EnvironmentProblem
+
+    cli = build(ROOT / "configs" / "phi3-mini-4k-qlora.yaml", tmp_path)
+    assert cli.model.hparams.quantization == "nf4" and cli.model.hparams.torch_dtype == "bfloat16"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        from phi3lit.model import quantization_config
+
+        with pytest.raises(EnvironmentProblem, match=r"pip install 'phi3lit\[qlora\]'"):
+            quantization_config("nf4")
