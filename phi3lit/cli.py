@@ -120,6 +120,10 @@ def main(args: list[str] | None = None) -> None:
         out = CLI(export, args=rest, as_positional=False)
         print(f"[phi3lit] exported to {out}")
         return
+    if argv and argv[0] == "ablate":
+        from phi3lit import ablate
+
+        sys.exit(ablate.main(argv[1:]))
     if argv and argv[0] == "chat":
         from jsonargparse import CLI
 

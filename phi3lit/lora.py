@@ -54,7 +54,7 @@ class LoraSpec:
     alpha: float = 32.0  # update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.05  # dropout on the LoRA branch input; 0 skips the copy
     # Logical names q k v o gate up down embed lm_head, presets all-linear / attn / mlp, or raw module names.
-    targets: list[str] = field(default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    targets: list[str] | str = field(default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     modules_to_save: list[str] = field(default_factory=list)  # fully trained modules: embed, lm_head
     use_rslora: bool = False  # scale alpha / sqrt(r)
     use_dora: bool = False  # weight-decomposed LoRA (DoRA): a trained magnitude per output row
@@ -64,6 +64,8 @@ class LoraSpec:
     bias: Literal["none", "all", "lora_only"] = "none"  # which biases train (loralib's modes)
 
     def __post_init__(self):
+        if isinstance(self.targets, str):  # `--model.lora.targets all-linear`
+            self.targets = [self.targets]
         if self.r <= 0:
             raise ConfigError(f"model.lora.r must be positive, got {self.r}")
         if self.alpha <= 0:
