@@ -171,7 +171,7 @@ def trainable_from_log(folder: Path):
     if not log.exists():
         return ""
     for line in log.read_text().splitlines():
-        if "trainable params:" in line:
+        if "[phi3lit] trainable params:" in line:  # the effective count phi3lit prints at the start of fit
             return int(line.split("trainable params:")[1].split("||")[0].strip().replace(",", ""))
     return ""
 
