@@ -12,8 +12,8 @@ from phi3lit.lora import apply_lora
 from phi3lit.model import Phi3LoRA
 
 FRAGMENTS = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))  # combined with a model config
-CONFIGS = sorted(p for d in ("configs", "experiments") for p in (ROOT / d).rglob("*.yaml") if p not in FRAGMENTS)
-CONFIGS = [p for p in CONFIGS if "experiments" not in p.parts or p.parent.name != "results"]
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p not in FRAGMENTS)
+SWEEPS = sorted((ROOT / "experiments").rglob("*.yaml"))
 
 
 def build(config: Path, tmp_path, *extra: str) -> Phi3LitCLI:
@@ -88,3 +88,17 @@ def test_qlora_config_wiring(tmp_path):
 
         with pytest.raises(EnvironmentProblem, match=r"pip install 'phi3lit\[qlora\]'"):
             quantization_config("nf4")
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_every_sweep_point_parses(sweep, capsys, tmp_path):
+    from phi3lit.ablate import fit_args, load_sweep, points
+
+    spec = load_sweep(sweep)
+    spec["root"] = str(tmp_path)
+    assert sweep.read_text().startswith("#") and "python -m phi3lit ablate" in sweep.read_text().split("\n")[2]
+    for point in points(spec):
+        with pytest.raises(SystemExit) as e:
+            main([*fit_args(spec, point, False), "--print_config"])
+        assert e.value.code in (0, None), point["name"]
+        assert f"default_root_dir: {tmp_path}" in capsys.readouterr().out
