@@ -1,0 +1,25 @@
+"""The benchmarks run end to end for a few steps (no speed thresholds: timing belongs in the benchmark)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_side_by_side_benchmark_runs(tmp_path):
+    cmd = [sys.executable, "experiments/bench/run.py", "--steps", "1", "--warmup", "1", "--only", "phi3lit"]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 2 and all(r["tokens_per_sec"] > 0 and r["peak_rss_gb"] > 0 for r in results)
+    assert "| phi3lit |" in (tmp_path / "results.md").read_text()
+
+
+def test_gpu_script_smoke_runs_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "experiments/bench/gpu.py", "--smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 4 and all(r["tokens_per_sec"] > 0 for r in results)
