@@ -1,6 +1,41 @@
-"""Chat data: load, render the chat template, mask, pack.
+"""Chat data: load, render the chat template, mask, truncate, pack, cache.
 
-The three subtle steps are pure functions with their own tests:
+The subtle steps are pure functions with their own tests:
+
+* `read_conversations` reads a local .json/.jsonl/.parquet file or a hub dataset and turns every example into
+  a list of `{role, content}` messages. Three layouts are understood, detected from the first example
+  (`format: auto`) or named (`format: messages|sharegpt|alpaca`):
+
+  - `messages`: OpenAI / Hugging Face chat data, `{"messages": [{"role", "content"}, ...]}` with roles
+    `system`, `user`, `assistant`.
+  - `sharegpt`: `{"conversations": [{"from", "value"}, ...], "system": "..."}`. `from` may be `system`,
+    `human` or `user`, `gpt`, `assistant` or `model`. The optional top-level `system` becomes a first system
+    message. Turns written as `{"role", "content"}` are read too.
+  - `alpaca`: `{"instruction", "input", "output", "system"}`: the user turn is the instruction, then a blank
+    line and the input when there is one; the reply is the output. Prompt-completion data
+    (`{"prompt", "completion"}`) is read by the same layout; either field may also be a list of messages,
+    as in TRL's conversational prompt-completion data. A missing output or completion leaves a prompt with
+    no reply (fine for `predict`; for training such an example is skipped as having nothing to train).
+
+  Content may be a string or a list of `{"type": "text", "text": ...}` parts, joined with newlines (as vLLM
+  does); any other part type (an image, say) is an error naming the example, message and part.
+
+  **Bad examples.** A file that cannot be what it claims (not JSON, a field missing or of the wrong type,
+  an empty conversation, a non-text content part) always stops the run with the file and line or row.
+  Three problems are about one example's content instead, and follow `on_bad_example`:
+
+  - an unknown role (`tool`, `function_call`, a typo);
+  - an empty assistant reply (empty or only whitespace): there is nothing to learn and it teaches the
+    model to stop at once;
+  - a conversation that does not alternate: an optional system message first, then `user`, `assistant`,
+    `user`, ... starting with `user` (it may end with either).
+
+  `on_bad_example: error` (the default) stops with the location and the problem, e.g.
+  `data.jsonl:17: message 2 has role 'tool'; expected one of system, user, assistant`; `skip` drops the
+  example, counts it in `stats[split]["skipped_unknown_role" | "skipped_empty_reply" |
+  "skipped_not_alternating"]` and logs the first location of each kind.
+  Examples with nothing to train (no assistant reply) are always skipped and counted (`skipped_no_reply`):
+  they are the normal case for prompt files.
 
 * `tokenize_chat` renders a conversation with the tokenizer's chat template and labels only what the
   model should learn to say: each assistant reply's content and the special token that closes it
@@ -11,34 +46,61 @@ The three subtle steps are pure functions with their own tests:
   encoded with special-token parsing off, so a message that contains the literal text `<|end|>` or
   `<|assistant|>` can never forge a turn. Text between two special tokens is encoded in one piece, which
   is how Phi-3's tokenizer (and sentencepiece) treat it anyway: `<|user|>\\nHi` gives `▁ \\n Hi`.
+* `tokenize_example` applies the truncation policy to conversations longer than `max_length`:
+  `truncate` keeps the start and cuts at a turn boundary, keeping the most whole turns that end with an
+  assistant reply (the shorter conversation is rendered again, so it ends as the template ends it); if
+  even the first reply does not fit, it keeps the first `max_length` tokens up to and into that reply,
+  as long as at least one reply token survives, and otherwise skips the example (`skipped_too_long`).
+  A row therefore never ends on a dangling role header. `drop` drops every overlong example (`dropped`).
 * `pack_rows` places conversations into rows of at most `max_length` tokens, best-fit decreasing.
 * `collate` turns rows into `input_ids`, `labels` and `position_ids` that restart at 0 for every
   conversation. There is no `attention_mask`: given `position_ids`, no mask and no KV cache,
   transformers builds the block-causal mask itself, so packed conversations never see each other.
   Padding uses the `<unk>` id (0) and is masked by position (label -100, its own position run),
   never by token id.
+
+Tokenization runs once per (conversations, tokenizer, settings, this file's code): `ChatDataModule` tokenizes
+through `datasets.Dataset.map` into an Arrow file under `cache_dir` named by a hash of all of those, and a
+later run with the same inputs loads that file instead of tokenizing again. Packed rows read their
+conversations from the memory-mapped file, so a large dataset never sits in Python lists.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import itertools
 import json
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
-from phi3lit.tiny import resolve_pretrained
+from phi3lit.tiny import cache_root, resolve_pretrained
 
 IGNORE_INDEX = -100  # torch cross-entropy's ignore_index
 ROLES = ("system", "user", "assistant")
+FORMATS = ("auto", "messages", "sharegpt", "alpaca")
+# ShareGPT speaker names, including the OpenAI and Gemini spellings some converters write.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+}
+# Kinds of bad example that `on_bad_example` governs; each is counted as `skipped_<kind>` when skipped.
+BAD_KINDS = ("unknown_role", "empty_reply", "not_alternating")
+# Outcomes of `tokenize_example`; the ones not kept are counted under these names in the stats.
+KEPT, TRUNCATED, DROPPED, TOO_LONG, NO_REPLY = "kept", "truncated", "dropped", "too_long", "no_reply"
 # Private-use code points: never produced by a chat template, never in real text we care about.
 _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
@@ -48,7 +110,30 @@ class DataError(ValueError):
     """Bad input data. The message names the file and the line or row."""
 
 
-# ---------------------------------------------------------------------------- loading
+class BadExample(DataError):
+    """One example breaks the content policy (`BAD_KINDS`): an error or a counted skip, per `on_bad_example`."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---------------------------------------------------------------------------- reading
+def _json_list_lines(text: str) -> list[int]:
+    """1-based line of each top-level element of a JSON list (`text` is known to parse as a list)."""
+    decoder, ws = json.JSONDecoder(), re.compile(r"[\s,]*")
+    lines, line, last = [], 1, 0
+    pos = ws.match(text, 0).end() + 1  # past the opening bracket
+    while True:
+        pos = ws.match(text, pos).end()
+        if text[pos] == "]":
+            return lines
+        line += text.count("\n", last, pos)
+        last = pos
+        lines.append(line)
+        _, pos = decoder.raw_decode(text, pos)
+
+
 def _read_json_rows(path: Path) -> list[tuple[str, object]]:
     """(location, row) pairs from a JSON list or JSONL file, with line-precise errors."""
     text = path.read_text(encoding="utf-8")
@@ -68,10 +153,12 @@ def _read_json_rows(path: Path) -> list[tuple[str, object]]:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
-    return [(f"{path} row {i}", row) for i, row in enumerate(data)]
+    # A second, position-only pass so that messages can name the line of a pretty-printed list's element.
+    lines = _json_list_lines(text)
+    return [(f"{path}:{line} (row {i})", row) for i, (line, row) in enumerate(zip(lines, data, strict=True))]
 
 
-def _read_rows(source: str, split: str) -> list[tuple[str, object]]:
+def _read_rows(source: str, split: str, config: str | None = None) -> list[tuple[str, object]]:
     path = Path(source)
     if path.suffix in (".json", ".jsonl"):
         if not path.is_file():
@@ -86,36 +173,204 @@ def _read_rows(source: str, split: str) -> list[tuple[str, object]]:
         return [(f"{path} row {i}", row) for i, row in enumerate(ds)]
     import datasets  # anything else is a hub dataset name
 
-    ds = datasets.load_dataset(source, split=split)
-    return [(f"{source}[{split}] row {i}", row) for i, row in enumerate(ds)]
+    ds = datasets.load_dataset(source, config, split=split)
+    name = f"{source}[{config}]" if config else source
+    return [(f"{name}[{split}] row {i}", row) for i, row in enumerate(ds)]
 
 
-def check_messages(messages: object, where: str) -> list[dict[str, str]]:
-    """Validate one conversation; keep only role and content."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+# ---------------------------------------------------------------------------- layouts
+def detect_format(row: object, where: str) -> str:
+    """The layout of an example from its fields: `messages`, `sharegpt` or `alpaca`."""
+    if isinstance(row, dict):
+        if "messages" in row:
+            return "messages"
+        if "conversations" in row:
+            return "sharegpt"
+        if "instruction" in row or "prompt" in row:
+            return "alpaca"
+        fields = ", ".join(repr(k) for k in row) or "none"
+    else:
+        fields = f"a {type(row).__name__}, not an object"
+    raise DataError(
+        f"{where}: cannot tell the data layout (fields: {fields}); expected 'messages' (role/content), "
+        "'conversations' (ShareGPT from/value), 'instruction'/'output' or 'prompt'/'completion' (Alpaca); "
+        "data.format names it"
+    )
+
+
+def _text_of(content: object, where: str) -> str:
+    """Message content as a string: a string, or a list of text parts joined with newlines."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise DataError(
+                    f"{where} content part {k} is of type {kind!r}; only {{'type': 'text', 'text': ...}} parts "
+                    "are supported"
+                )
+            if not isinstance(part.get("text"), str):
+                raise DataError(f"{where} content part {k} is a text part without a string 'text'")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise DataError(f"{where} content must be a string or a list of text parts, got {type(content).__name__}")
+
+
+def _turns(raw: object, where: str, what: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+    """Structurally checked messages: `role` (None if unknown), `content`, and `at`, where it is in the example.
+
+    An unknown role is not an error yet: `check_policy` decides, with the message kept in `bad`.
+    """
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{where}: {what!r} must be a non-empty list of {{{role_key}, {text_key}}} objects")
     out = []
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: message {j} needs both 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: message {j} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: message {j} content must be a string, got {type(m['content']).__name__}")
-        out.append({"role": m["role"], "content": m["content"]})
+    for j, m in enumerate(raw):
+        at = f"message {j}" if what == "messages" else f"turn {j}" if what == "conversations" else f"{what} turn {j}"
+        if not isinstance(m, dict) or role_key not in m or text_key not in m:
+            raise DataError(f"{where}: {at} needs both {role_key!r} and {text_key!r}")
+        role = roles.get(m[role_key]) if isinstance(m[role_key], str) else None
+        out.append({"role": role, "content": _text_of(m[text_key], f"{where}: {at}"), "at": at})
+        if role is None:
+            known = ", ".join(dict.fromkeys(roles))
+            out[-1]["bad"] = f"{where}: {at} has {role_key} {m[role_key]!r}; expected one of {known}"
     return out
 
 
-def load_conversations(source: str, split: str = "train") -> list[list[dict[str, str]]]:
-    """Conversations from a local .json/.jsonl/.parquet file or a hub dataset (name + split)."""
-    conversations = []
-    for where, row in _read_rows(source, split):
-        if not isinstance(row, dict) or "messages" not in row:
-            raise DataError(f"{where}: example has no 'messages' field")
-        conversations.append(check_messages(row["messages"], where))
-    if not conversations:
+def _messages_layout(row: dict, where: str) -> list[dict]:
+    return _turns(row["messages"], where, "messages", "role", "content", {r: r for r in ROLES})
+
+
+def _sharegpt_layout(row: dict, where: str) -> list[dict]:
+    turns = row["conversations"]
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" not in turns[0]:
+        out = _turns(turns, where, "conversations", "role", "content", SHAREGPT_ROLES)
+    else:
+        out = _turns(turns, where, "conversations", "from", "value", SHAREGPT_ROLES)
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(f"{where}: 'system' must be a string, got {type(system).__name__}")
+    if system:  # an empty top-level system means none
+        out.insert(0, {"role": "system", "content": system, "at": "the top-level 'system'"})
+    return out
+
+
+def _field(row: dict, key: str, where: str) -> str | None:
+    value = row.get(key)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _alpaca_layout(row: dict, where: str) -> list[dict]:
+    if "instruction" in row:
+        instruction = _field(row, "instruction", where) or ""
+        extra = _field(row, "input", where)
+        system, output = _field(row, "system", where), _field(row, "output", where)
+        out = [{"role": "system", "content": system, "at": "'system'"}] if system else []
+        out.append({"role": "user", "content": instruction + ("\n\n" + extra if extra else ""), "at": "'instruction'"})
+        return out + ([{"role": "assistant", "content": output, "at": "'output'"}] if output is not None else [])
+    if "prompt" not in row:
+        raise DataError(f"{where}: example has neither an 'instruction' nor a 'prompt' field (Alpaca layout)")
+    out = []
+    for key, role in (("prompt", "user"), ("completion", "assistant")):
+        value = row.get(key)
+        if isinstance(value, list):  # conversational prompt-completion (TRL)
+            out += _turns(value, where, key, "role", "content", {r: r for r in ROLES})
+        elif value is not None:
+            out.append({"role": role, "content": _field(row, key, where), "at": repr(key)})
+    return out
+
+
+_LAYOUTS = {"messages": _messages_layout, "sharegpt": _sharegpt_layout, "alpaca": _alpaca_layout}
+_REQUIRED = {"messages": "'messages'", "sharegpt": "'conversations'", "alpaca": "'instruction' or 'prompt'"}
+
+
+def check_policy(messages: list[dict], where: str) -> None:
+    """Raise `BadExample` for the first unknown role, non-alternating turn or empty reply."""
+    expected = "user"
+    for j, m in enumerate(messages):
+        role = m["role"]
+        if role is None:
+            raise BadExample("unknown_role", m["bad"])
+        if not (role == expected or (j == 0 and role == "system")):
+            raise BadExample(
+                "not_alternating",
+                f"{where}: {m['at']} is {role!r} where {expected!r} was expected; turns must alternate user, "
+                "assistant, user, ... after an optional first system message",
+            )
+        if role == "assistant" and not m["content"].strip():
+            raise BadExample("empty_reply", f"{where}: {m['at']} is an empty assistant reply")
+        expected = "assistant" if role == "user" else "user"
+
+
+def to_messages(row: object, fmt: str, where: str) -> list[dict[str, str]]:
+    """One example in layout `fmt` as checked `{role, content}` messages.
+
+    Raises `DataError` for a malformed example and `BadExample` for one that breaks the content policy.
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: example must be a JSON object, got {type(row).__name__}")
+    if fmt != "alpaca" and ("messages" if fmt == "messages" else "conversations") not in row:
+        raise DataError(f"{where}: example has no {_REQUIRED[fmt]} field ({fmt} layout)")
+    messages = _LAYOUTS[fmt](row, where)
+    check_policy(messages, where)
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def check_messages(messages: object, where: str) -> list[dict[str, str]]:
+    """Validate one `messages` list (every problem is an error); keep only role and content."""
+    return to_messages({"messages": messages}, "messages", where)
+
+
+class Conversations(NamedTuple):
+    conversations: list[list[dict[str, str]]]
+    skipped: dict[str, int]  # bad-example kind -> examples skipped (on_bad_example: skip)
+    first_skip: dict[str, str]  # bad-example kind -> the first such example's message, for the log
+
+
+def read_conversations(
+    source: str,
+    split: str = "train",
+    format: str = "auto",
+    config: str | None = None,
+    on_bad_example: Literal["error", "skip"] = "error",
+) -> Conversations:
+    """Conversations from a local .json/.jsonl/.parquet file or a hub dataset (name, `config`, `split`).
+
+    `format` names the layout or, `auto`, detects it from the first example. Examples that break the content
+    policy raise `DataError` (`on_bad_example: error`) or are counted in `skipped` (`skip`).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    rows = _read_rows(source, split, config)
+    if not rows:
         raise DataError(f"{source}: no examples")
-    return conversations
+    fmt = detect_format(rows[0][1], rows[0][0]) if format == "auto" else format
+    conversations, skipped, first = [], Counter(), {}
+    for where, row in rows:
+        try:
+            conversations.append(to_messages(row, fmt, where))
+        except BadExample as e:
+            if on_bad_example == "error":
+                raise DataError(f"{e} (data.on_bad_example=skip skips and counts such examples)") from None
+            skipped[e.kind] += 1
+            first.setdefault(e.kind, str(e))
+    if not conversations:
+        raise DataError(f"{source}: no usable examples; all {len(rows)} were skipped ({dict(skipped)})")
+    return Conversations(conversations, dict(skipped), first)
+
+
+def load_conversations(
+    source: str,
+    split: str = "train",
+    format: str = "auto",
+    config: str | None = None,
+    on_bad_example: Literal["error", "skip"] = "error",
+) -> list[list[dict[str, str]]]:
+    """Conversations from a local .json/.jsonl/.parquet file or a hub dataset; see `read_conversations`."""
+    return read_conversations(source, split, format, config, on_bad_example).conversations
 
 
 # ---------------------------------------------------------------------------- tokenize + mask
@@ -124,24 +379,16 @@ def _special_token_pattern(tokenizer) -> re.Pattern:
     return re.compile("|".join(re.escape(s) for s in reversed(specials)))  # longest first
 
 
-def tokenize_chat(
-    messages: Sequence[dict[str, str]],
-    tokenizer,
-    max_length: int | None = None,
-    train_on: Literal["assistant", "all"] = "assistant",
-    add_generation_prompt: bool = False,
-) -> dict[str, list[int]]:
-    """Render `messages` with the chat template; label assistant content plus its closing token.
-
-    Returns `input_ids` and `labels` (-100 where not trained), truncated to `max_length` tokens.
-    `add_generation_prompt` ends the text with the assistant header instead of `<|endoftext|>` (prompts).
-    """
+def encode_chat(
+    messages: Sequence[dict[str, str]], tokenizer, add_generation_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation, and which of them are assistant replies or their closing token."""
     placeholders = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
     scaffold = tokenizer.apply_chat_template(placeholders, tokenize=False, add_generation_prompt=add_generation_prompt)
     special = _special_token_pattern(tokenizer)
 
     ids: list[int] = []
-    labels: list[int] = []
+    reply: list[bool] = []
     segment, spans = "", []  # plain text since the last special token; assistant content spans in it
     close_next = False  # the next special token closes an assistant reply: train on it
 
@@ -151,8 +398,7 @@ def tokenize_chat(
             enc = tokenizer(segment, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
             for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
                 ids.append(tok)
-                trained = train_on == "all" or any(a <= start < b for a, b in spans)
-                labels.append(tok if trained else IGNORE_INDEX)
+                reply.append(any(a <= start < b for a, b in spans))
             close_next = bool(spans) and segment[spans[-1][1] :].strip() == ""
         segment, spans = "", []
 
@@ -164,9 +410,8 @@ def tokenize_chat(
             if segment.strip():  # template text between reply and special token: not a closing token
                 close_next = False
             flush()
-            tok = tokenizer.convert_tokens_to_ids(m.group())
-            ids.append(tok)
-            labels.append(tok if (close_next or train_on == "all") else IGNORE_INDEX)
+            ids.append(tokenizer.convert_tokens_to_ids(m.group()))
+            reply.append(close_next)
             close_next = False
             pos = m.end()
         segment += text[pos:]
@@ -181,11 +426,76 @@ def tokenize_chat(
         pos = m.end()
     add_scaffold(scaffold[pos:])
     flush()
+    return ids, reply
 
+
+def _labelled(ids: list[int], reply: list[bool], train_on: str) -> dict[str, list[int]]:
+    labels = [tok if (r or train_on == "all") else IGNORE_INDEX for tok, r in zip(ids, reply, strict=True)]
     labels[0] = IGNORE_INDEX  # nothing precedes the first token; in a packed row it must not be predicted
-    if max_length is not None:
-        ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_chat(
+    messages: Sequence[dict[str, str]],
+    tokenizer,
+    max_length: int | None = None,
+    train_on: Literal["assistant", "all"] = "assistant",
+    add_generation_prompt: bool = False,
+) -> dict[str, list[int]]:
+    """Render `messages` with the chat template; label assistant content plus its closing token.
+
+    Returns `input_ids` and `labels` (-100 where not trained), cut to the first `max_length` tokens
+    (a plain cut: `tokenize_example` applies the truncation policy that training uses).
+    `add_generation_prompt` ends the text with the assistant header instead of `<|endoftext|>` (prompts).
+    """
+    out = _labelled(*encode_chat(messages, tokenizer, add_generation_prompt), train_on)
+    if max_length is not None:
+        out = {k: v[:max_length] for k, v in out.items()}
+    return out
+
+
+class Tokenized(NamedTuple):
+    example: dict[str, list[int]] | None  # input_ids and labels, None when the conversation is left out
+    outcome: str  # kept, truncated (with an example); dropped, too_long, no_reply (without)
+    full_length: int  # tokens before truncation
+
+
+def tokenize_example(
+    messages: Sequence[dict[str, str]],
+    tokenizer,
+    max_length: int,
+    train_on: Literal["assistant", "all"] = "assistant",
+    truncation: Literal["truncate", "drop"] = "truncate",
+) -> Tokenized:
+    """Tokenize one training conversation under the truncation policy (see the module docstring)."""
+    ids, reply = encode_chat(messages, tokenizer)
+    out, full = _labelled(ids, reply, train_on), len(ids)
+    if all(x == IGNORE_INDEX for x in out["labels"]):
+        return Tokenized(None, NO_REPLY, full)
+    if full <= max_length:
+        return Tokenized(out, KEPT, full)
+    if truncation == "drop":
+        return Tokenized(None, DROPPED, full)
+    # The longest prefix of whole turns that ends with a reply. Lengths grow with the prefix, so bisect.
+    ends = [k + 1 for k, m in enumerate(messages) if m["role"] == "assistant"]
+    best, lo, hi = None, 0, len(ends) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        enc = encode_chat(messages[: ends[mid]], tokenizer)
+        if len(enc[0]) <= max_length:
+            best, lo = enc, mid + 1
+        else:
+            hi = mid - 1
+    if best is not None:
+        return Tokenized(_labelled(*best, train_on), TRUNCATED, full)
+    if not ends:  # train_on: all without any reply: no turn boundary that keeps a reply
+        return Tokenized(None, TOO_LONG, full)
+    # Even the first reply does not fit: keep its start, if any of it survives (so no dangling header).
+    ids, reply = encode_chat(messages[: ends[0]], tokenizer)
+    ids, reply = ids[:max_length], reply[:max_length]
+    if not any(reply[1:]):
+        return Tokenized(None, TOO_LONG, full)
+    return Tokenized(_labelled(ids, reply, train_on), TRUNCATED, full)
 
 
 # ---------------------------------------------------------------------------- packing
@@ -270,6 +580,81 @@ class ResumableLoader(DataLoader):
         self.sampler.resume = (state["epoch"], state["batches"] * self.batch_size)
 
 
+# ---------------------------------------------------------------------------- tokenize once
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything about a tokenizer that changes its ids: class, vocabulary and rules, chat template."""
+    import tokenizers
+    import transformers
+
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = sorted((i, t.content, t.special) for i, t in tokenizer.added_tokens_decoder.items())
+    # Library versions too: the same files can tokenize differently across releases (LlamaTokenizer did).
+    parts = [type(tokenizer).__name__, transformers.__version__, tokenizers.__version__, str(tokenizer.chat_template)]
+    for part in [*parts, json.dumps(specials), state]:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@functools.cache
+def _code_version() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # any change here invalidates the cache
+
+
+def cache_key(conversations: Sequence[Sequence[dict[str, str]]], tokenizer, **settings) -> str:
+    """The name of a tokenized dataset: a hash of the conversations, tokenizer, settings and this file's code.
+
+    Hashing the conversations, not the source file, means a key is right whatever the layout, source or
+    train/validation split they came from.
+    """
+    h = hashlib.sha256()
+    for part in (_code_version(), tokenizer_fingerprint(tokenizer), json.dumps(settings, sort_keys=True)):
+        h.update(part.encode() + b"\0")
+    for conv in conversations:
+        h.update(json.dumps(conv, ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()[:40]
+
+
+def _features():
+    import datasets
+
+    ids = datasets.Sequence(datasets.Value("int32"))
+    n = datasets.Value("int32")
+    return datasets.Features(
+        {
+            "input_ids": ids,
+            "labels": ids,
+            "length": n,
+            "full_length": n,
+            "trained": n,
+            "outcome": datasets.Value("string"),
+        }
+    )
+
+
+class PackedRows(Sequence):
+    """Packed rows read on demand from a tokenized (memory-mapped) dataset: `rows[r]` is a list of conversations."""
+
+    def __init__(self, dataset, index: list[list[int]]):
+        self.dataset = dataset.select_columns(["input_ids", "labels"])
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, r: int) -> list[dict[str, list[int]]]:
+        cols = self.dataset[self.index[r]]
+        return [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"], strict=True)]
+
+
+def _percentile(sorted_values: Sequence[int], p: float) -> int:
+    """Nearest-rank percentile of an ascending sequence."""
+    k = max(0, -(-len(sorted_values) * p // 100) - 1)
+    return sorted_values[int(k)]
+
+
 # ---------------------------------------------------------------------------- datamodule
 class ChatDataModule(L.LightningDataModule):
     def __init__(
@@ -287,10 +672,15 @@ class ChatDataModule(L.LightningDataModule):
         batch_size: int = 4,
         num_workers: int = 0,
         seed: int = 0,
+        format: Literal["auto", "messages", "sharegpt", "alpaca"] = "auto",
+        hub_config: str | None = None,
+        on_bad_example: Literal["error", "skip"] = "error",
+        truncation: Literal["truncate", "drop"] = "truncate",
+        cache_dir: str | None = None,
     ):
         """
         Args:
-            train_file: .json/.jsonl/.parquet file, or a hub dataset name, of `{"messages": [...]}` examples.
+            train_file: .json/.jsonl/.parquet file, or a hub dataset name, of chat examples (see `format`).
             val_file: separate validation data; if None, `val_fraction` of `train_file` is held out.
             val_fraction: share of the training conversations held out for validation when no `val_file`.
             test_file: data for `python -m phi3lit test`.
@@ -299,21 +689,41 @@ class ChatDataModule(L.LightningDataModule):
             split: split to read from a hub dataset.
             val_split: split of `val_file` when it is a hub dataset (default: `split`).
             tokenizer: tokenizer folder or hub id. Linked to `model.pretrained` by the CLI.
-            max_length: tokens per packed row; longer conversations are truncated. Linked to the model.
+            max_length: tokens per packed row; longer conversations follow `truncation`. Linked to the model.
             train_on: `assistant` trains on replies and their `<|end|>`; `all` on every token (model card).
             batch_size: packed rows per micro-batch.
             num_workers: DataLoader worker processes.
             seed: seed of the train/validation split and of the per-epoch row order.
+            format: layout of every data file: `messages` ({"messages": [{role, content}]}), `sharegpt`
+                ({"conversations": [{from, value}], "system"}), `alpaca` ({instruction, input, output} or
+                {prompt, completion}), or `auto` to tell from each file's first example.
+            hub_config: configuration (subset) name of hub datasets, e.g. `en` of a multilingual dataset.
+            on_bad_example: an example with an unknown role, an empty assistant reply or turns that do not
+                alternate user/assistant: `error` stops with its file and line; `skip` skips and counts it.
+            truncation: conversations longer than `max_length`: `truncate` keeps the start, cut after the last
+                whole reply that fits (or inside the first reply if none fits); `drop` leaves them out.
+            cache_dir: where tokenized datasets are cached (default: `tokenized/` in phi3lit's cache,
+                `~/.cache/phi3lit` or `$PHI3LIT_CACHE`). A rerun with the same data, tokenizer and settings
+                reads the cache instead of tokenizing again.
         """
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if max_length < 2:
             raise ValueError(f"data.max_length must be at least 2, got {max_length}")
+        for name, value, allowed in (  # the CLI checks these Literals; direct Python callers get the same message
+            ("train_on", train_on, ("assistant", "all")),
+            ("format", format, FORMATS),
+            ("on_bad_example", on_bad_example, ("error", "skip")),
+            ("truncation", truncation, ("truncate", "drop")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"data.{name} must be one of {', '.join(allowed)}, got {value!r}")
         self.save_hyperparameters()
         self.tokenizer = None
-        self.rows: dict[str, list] = {}
+        self.rows: dict[str, Sequence] = {}
         self.stats: dict[str, dict[str, int]] = {}
+        self.tokenized: dict = {}  # split -> tokenized `datasets.Dataset`, one row per example, for `describe`
 
     def load_tokenizer(self):
         if self.tokenizer is None:
@@ -322,54 +732,118 @@ class ChatDataModule(L.LightningDataModule):
             self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.hparams.tokenizer))
         return self.tokenizer
 
-    def _tokenize(self, conversations: list, name: str) -> list[list[dict]]:
-        """Tokenize with HF datasets, drop conversations with nothing to train, pack into rows."""
+    def _read(self, source: str, split: str) -> Conversations:
+        hp = self.hparams
+        return read_conversations(source, split, hp.format, hp.hub_config, hp.on_bad_example)
+
+    def _tokenize(self, conversations: list, name: str, bad: Conversations | None = None) -> PackedRows:
+        """Tokenize (or load from the cache) with HF datasets, drop what cannot be trained, pack into rows.
+
+        `bad` carries the examples skipped while reading, which count against this split.
+        """
         import datasets
 
         tok, hp = self.load_tokenizer(), self.hparams
-        ds = datasets.Dataset.from_dict({"messages": conversations})
-        ds = ds.map(
-            lambda ex: tokenize_chat(ex["messages"], tok, hp.max_length, hp.train_on),
+        settings = {"max_length": hp.max_length, "train_on": hp.train_on, "truncation": hp.truncation}
+        key = cache_key(conversations, tok, **settings)
+        cache = Path(hp.cache_dir) if hp.cache_dir else cache_root() / "tokenized"
+        cache.mkdir(parents=True, exist_ok=True)
+        calls = [0]  # conversations tokenized by this call: 0 when the cache had them
+
+        def encode(batch):
+            calls[0] += len(batch["messages"])
+            out = {k: [] for k in _features()}
+            for messages in batch["messages"]:
+                example, outcome, full = tokenize_example(messages, tok, **settings)
+                ids, labels = (example["input_ids"], example["labels"]) if example else ([], [])
+                out["input_ids"].append(ids)
+                out["labels"].append(labels)
+                out["length"].append(len(ids))
+                out["full_length"].append(full)
+                out["trained"].append(sum(x != IGNORE_INDEX for x in labels))
+                out["outcome"].append(outcome)
+            return out
+
+        ds = datasets.Dataset.from_dict({"messages": conversations}).map(
+            encode,
+            batched=True,
             remove_columns=["messages"],
+            features=_features(),
+            cache_file_name=str(cache / f"{key}.arrow"),
+            load_from_cache_file=True,
+            new_fingerprint=key,
             desc=f"tokenize {name}",
         )
-        ds = ds.filter(lambda ex: any(x != IGNORE_INDEX for x in ex["labels"]), desc=f"filter {name}")
-        convs = ds.to_list()
-        skipped = len(conversations) - len(convs)
-        packed = pack_rows([len(c["input_ids"]) for c in convs], hp.max_length)
-        rows = [[convs[i] for i in row] for row in packed]
-        real = sum(len(c["input_ids"]) for c in convs)
-        self.stats[name] = {"conversations": len(convs), "skipped": skipped, "rows": len(rows), "tokens": real}
-        rank_zero_info(
-            f"[phi3lit] {name}: {len(convs)} conversations -> {len(rows)} packed rows of <= {hp.max_length} "
-            f"tokens ({real / max(1, len(rows) * hp.max_length):.1%} filled); skipped {skipped} with no "
-            "assistant token left after truncation"
-        )
+        self.tokenized[name] = ds
+        outcomes = list(ds["outcome"])
+        lengths, trained = list(ds["length"]), list(ds["trained"])
+        kept = [i for i, o in enumerate(outcomes) if o in (KEPT, TRUNCATED)]
+        packed = pack_rows([lengths[i] for i in kept], hp.max_length)
+        rows = PackedRows(ds, [[kept[j] for j in row] for row in packed])
+
+        counts = Counter(outcomes)
+        loaded = bad.skipped if bad else {}
+        skipped = {f"skipped_{k}": loaded.get(k, 0) for k in BAD_KINDS}
+        skipped |= {"skipped_no_reply": counts[NO_REPLY], "skipped_too_long": counts[TOO_LONG]}
+        real = sum(lengths[i] for i in kept)
+        stats = {
+            "examples": len(outcomes) + sum(loaded.values()),
+            "conversations": len(kept),
+            "truncated": counts[TRUNCATED],
+            "dropped": counts[DROPPED],
+            "skipped": sum(skipped.values()),
+            **skipped,
+            "rows": len(rows),
+            "tokens": real,  # the same as real_tokens; the original name
+            "real_tokens": real,
+            "trained_tokens": sum(trained[i] for i in kept),
+            "slots": len(rows) * hp.max_length,
+            "tokenized": calls[0],
+        }
+        self.stats[name] = stats
+        rank_zero_info(self._summary(name, stats))
+        for kind, message in (bad.first_skip if bad else {}).items():
+            rank_zero_info(f"[phi3lit] {name}: skipped {loaded[kind]} example(s) ({kind}); the first: {message}")
         return rows
+
+    def _summary(self, name: str, s: dict[str, int]) -> str:
+        slots = max(1, s["slots"])
+        why = ", ".join(f"{k[len('skipped_') :]} {v}" for k, v in s.items() if k.startswith("skipped_") and v)
+        return (
+            f"[phi3lit] {name}: {s['examples']} examples -> {s['conversations']} conversations "
+            f"({s['truncated']} truncated); skipped {s['skipped']}{f' ({why})' if why else ''}, dropped "
+            f"{s['dropped']} (over {self.hparams.max_length} tokens) -> {s['rows']} packed rows, "
+            f"{s['real_tokens'] / slots:.1%} real / {s['trained_tokens'] / slots:.1%} trained tokens per slot; "
+            + (f"tokenized {s['tokenized']} now" if s["tokenized"] else "token ids read from the cache")
+        )
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if stage in ("fit", "validate") and "train" not in self.rows:
-            train = load_conversations(hp.train_file, hp.split)
+            read = self._read(hp.train_file, hp.split)
+            train, val_bad = read.conversations, None
             if hp.val_file:
-                val = load_conversations(hp.val_file, hp.val_split or hp.split)
+                val_bad = self._read(hp.val_file, hp.val_split or hp.split)
+                val = val_bad.conversations
             else:
                 g = torch.Generator().manual_seed(hp.seed)
                 perm = torch.randperm(len(train), generator=g).tolist()
                 n_val = max(1, round(hp.val_fraction * len(train))) if hp.val_fraction > 0 else 0
                 val = [train[i] for i in perm[:n_val]]
                 train = [train[i] for i in sorted(perm[n_val:])]
-            self.rows["train"] = self._tokenize(train, "train")
-            self.rows["val"] = self._tokenize(val, "val") if val else []
+            # Examples skipped while reading a file that is then split count against the training split.
+            self.rows["train"] = self._tokenize(train, "train", read)
+            self.rows["val"] = self._tokenize(val, "val", val_bad) if val else []
         if stage == "test" and "test" not in self.rows:
             if not hp.test_file:
                 raise DataError("data.test_file is not set; `test` needs a test file")
-            self.rows["test"] = self._tokenize(load_conversations(hp.test_file, hp.split), "test")
+            read = self._read(hp.test_file, hp.split)
+            self.rows["test"] = self._tokenize(read.conversations, "test", read)
 
         if stage == "predict" and "predict" not in self.rows:
             if not hp.predict_file:
                 raise DataError("data.predict_file is not set; `predict` needs prompts")
-            self.rows["predict"] = [prompt_of(c) for c in load_conversations(hp.predict_file, hp.split)]
+            self.rows["predict"] = [prompt_of(c) for c in self._read(hp.predict_file, hp.split).conversations]
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         trainer = self.trainer
@@ -428,3 +902,70 @@ def prompt_of(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     if end == 0:
         raise DataError("a predict prompt has no user turn")
     return list(messages[:end])
+
+
+# ---------------------------------------------------------------------------- inspection
+def render_trained(ids: Sequence[int], labels: Sequence[int], tokenizer, mark: tuple[str, str] = ("[[", "]]")) -> str:
+    """The decoded conversation with every run of trained tokens wrapped in `mark`.
+
+    Runs are cut out of decoded prefixes rather than decoded alone, because a tokenizer may decode a piece
+    differently on its own (sentencepiece drops the space of a leading `▁`).
+    """
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    trained = [x != IGNORE_INDEX for x in labels]
+    cuts = [0] + [i for i in range(1, len(ids)) if trained[i] != trained[i - 1]] + [len(ids)]
+    out, done = [], ""
+    for a, b in itertools.pairwise(cuts):
+        text = decode(list(ids[:b]))
+        piece = text[len(done) :] if text.startswith(done) else decode(list(ids[a:b]))
+        done = text
+        out.append(f"{mark[0]}{piece}{mark[1]}" if trained[a] else piece)
+    return "".join(out)
+
+
+def describe(dm: ChatDataModule, split: str = "train", example: int = 0) -> str:
+    """A printable report on one split: counts, lengths, packing, and one example with trained tokens in [[ ]].
+
+    Sets the data module up for the split if needed. `example` indexes the split's examples as tokenized
+    (after the validation hold-out and anything skipped while reading).
+    """
+    stages = {"train": "fit", "val": "fit", "test": "test"}
+    if split not in stages:
+        raise ValueError(f"split must be one of {', '.join(stages)}, got {split!r}")
+    if split not in dm.rows:
+        dm.setup(stages[split])
+    hp = dm.hparams
+    source = {"train": hp.train_file, "val": hp.val_file or f"{hp.train_file} (held out)", "test": hp.test_file}
+    lines = [
+        f"phi3lit data: {split} split of {source[split]}",
+        f"  settings       format {hp.format}, max_length {hp.max_length}, train_on {hp.train_on}, "
+        f"truncation {hp.truncation}, on_bad_example {hp.on_bad_example}",
+    ]
+    if split not in dm.stats:
+        return "\n".join([*lines, "  no examples"])
+    s, ds = dm.stats[split], dm.tokenized[split]
+    slots = max(1, s["slots"])
+    why = ", ".join(f"{k[len('skipped_') :]} {v}" for k, v in s.items() if k.startswith("skipped_"))
+    full = sorted(ds["full_length"])
+    pct = ", ".join(f"p{p} {_percentile(full, p):,}" for p in (50, 90, 99))
+    over = sum(n > hp.max_length for n in full)
+    cached = f"{s['tokenized']:,} conversations now" if s["tokenized"] else "read from the cache"
+    lines += [
+        f"  examples       {s['examples']:,}",
+        f"  kept           {s['conversations']:,} conversations, {s['truncated']:,} of them truncated",
+        f"  skipped        {s['skipped']:,} ({why})",
+        f"  dropped        {s['dropped']:,}",
+        f"  tokens         {s['real_tokens']:,} real, {s['trained_tokens']:,} trained",
+        f"  length         {pct}, max {full[-1]:,} tokens before truncation; {over:,} over max_length",
+        f"  packing        {s['rows']:,} rows x {hp.max_length:,} = {s['slots']:,} slots: "
+        f"{s['real_tokens'] / slots:.1%} real, {s['trained_tokens'] / slots:.1%} trained",
+        f"  tokenized      {cached}",
+    ]
+    if not 0 <= example < len(ds):
+        return "\n".join([*lines, f"example {example}: out of range (0..{len(ds) - 1})"])
+    row = ds[example]
+    head = f"example {example}: {row['outcome']}, {row['length']:,} tokens, {row['trained']:,} trained"
+    if not row["input_ids"]:
+        return "\n".join([*lines, "", f"{head} (left out of training, so nothing to show)"])
+    text = render_trained(row["input_ids"], row["labels"], dm.load_tokenizer())
+    return "\n".join([*lines, "", f"{head}; trained tokens are inside [[ ]]:", text])
