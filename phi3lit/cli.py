@@ -131,6 +131,13 @@ def main(args: list[str] | None = None) -> None:
 
         CLI(chat, args=argv[1:], as_positional=False)
         return
+    if argv and argv[0] == "data":  # inspect masks and packing before spending GPU hours
+        from phi3lit.data import describe
+
+        cli = Phi3LitCLI(Phi3LoRA, ChatDataModule, run=False, auto_configure_optimizers=False, args=argv[1:])
+        cli.datamodule.setup("fit")
+        print(describe(cli.datamodule, "train"))
+        return
     if argv and argv[0] == "plan":
         from phi3lit.plan import plan_from_cli
 

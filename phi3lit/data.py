@@ -83,6 +83,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
+from phi3lit.errors import ConfigError, missing_model
 from phi3lit.tiny import cache_root, resolve_pretrained
 
 IGNORE_INDEX = -100  # torch cross-entropy's ignore_index
@@ -328,6 +329,7 @@ class Conversations(NamedTuple):
     conversations: list[list[dict[str, str]]]
     skipped: dict[str, int]  # bad-example kind -> examples skipped (on_bad_example: skip)
     first_skip: dict[str, str]  # bad-example kind -> the first such example's message, for the log
+    locations: list[str] = []  # "file:line" / "file row N" of each conversation, for error messages
 
 
 def read_conversations(
@@ -348,10 +350,11 @@ def read_conversations(
     if not rows:
         raise DataError(f"{source}: no examples")
     fmt = detect_format(rows[0][1], rows[0][0]) if format == "auto" else format
-    conversations, skipped, first = [], Counter(), {}
+    conversations, skipped, first, locations = [], Counter(), {}, []
     for where, row in rows:
         try:
             conversations.append(to_messages(row, fmt, where))
+            locations.append(where)
         except BadExample as e:
             if on_bad_example == "error":
                 raise DataError(f"{e} (data.on_bad_example=skip skips and counts such examples)") from None
@@ -359,7 +362,7 @@ def read_conversations(
             first.setdefault(e.kind, str(e))
     if not conversations:
         raise DataError(f"{source}: no usable examples; all {len(rows)} were skipped ({dict(skipped)})")
-    return Conversations(conversations, dict(skipped), first)
+    return Conversations(conversations, dict(skipped), first, locations)
 
 
 def load_conversations(
@@ -529,7 +532,9 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
     """Rows of packed conversations -> `input_ids`, `labels`, `position_ids` (B, T) tensors.
 
     Positions restart at 0 for each conversation; the padding tail is one more run of positions, so
-    it is its own block in the block-causal mask and never attended to by real tokens.
+    it is its own block in the block-causal mask and never attended to by real tokens. Two bookkeeping
+    fields ride along, never given to the model: `real_tokens` (non-padding tokens, for throughput) and
+    `sources` (where each conversation came from, for error messages).
     """
     width = max(sum(len(c["input_ids"]) for c in row) for row in rows)
     width = -(-width // multiple_of) * multiple_of  # round up: fewer distinct shapes for kernels
@@ -545,7 +550,15 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
             position_ids[b, t : t + n] = torch.arange(n)
             t += n
         position_ids[b, t:] = torch.arange(width - t)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    real = sum(len(c["input_ids"]) for row in rows for c in row)
+    sources = [c["source"] for row in rows for c in row if "source" in c]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "real_tokens": real,
+        "sources": sources,
+    }
 
 
 # ---------------------------------------------------------------------------- loaders
@@ -637,16 +650,21 @@ def _features():
 class PackedRows(Sequence):
     """Packed rows read on demand from a tokenized (memory-mapped) dataset: `rows[r]` is a list of conversations."""
 
-    def __init__(self, dataset, index: list[list[int]]):
+    def __init__(self, dataset, index: list[list[int]], locations: list[str] | None = None):
         self.dataset = dataset.select_columns(["input_ids", "labels"])
         self.index = index
+        self.locations = locations
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, r: int) -> list[dict[str, list[int]]]:
         cols = self.dataset[self.index[r]]
-        return [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"], strict=True)]
+        convs = [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"], strict=True)]
+        if self.locations is not None:
+            for conv, i in zip(convs, self.index[r], strict=True):
+                conv["source"] = self.locations[i]
+        return convs
 
 
 def _percentile(sorted_values: Sequence[int], p: float) -> int:
@@ -719,7 +737,7 @@ class ChatDataModule(L.LightningDataModule):
         ):
             if value not in allowed:
                 raise ValueError(f"data.{name} must be one of {', '.join(allowed)}, got {value!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         self.tokenizer = None
         self.rows: dict[str, Sequence] = {}
         self.stats: dict[str, dict[str, int]] = {}
@@ -729,14 +747,27 @@ class ChatDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.hparams.tokenizer))
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.hparams.tokenizer))
+            except OSError as e:
+                raise missing_model(self.hparams.tokenizer, e) from None
+            if self.hparams.train_on == "assistant":
+                missing = [t for t in ("<|assistant|>", "<|end|>", "<|user|>") if t not in self.tokenizer.get_vocab()]
+                if missing or not self.tokenizer.chat_template:
+                    raise ConfigError(
+                        f"data.train_on=assistant needs a tokenizer with Phi-3's chat tokens and chat template; "
+                        f"{self.hparams.tokenizer!r} lacks {', '.join(missing) or 'a chat template'}. Use a Phi-3 "
+                        "tokenizer, or data.train_on=all"
+                    )
         return self.tokenizer
 
     def _read(self, source: str, split: str) -> Conversations:
         hp = self.hparams
         return read_conversations(source, split, hp.format, hp.hub_config, hp.on_bad_example)
 
-    def _tokenize(self, conversations: list, name: str, bad: Conversations | None = None) -> PackedRows:
+    def _tokenize(
+        self, conversations: list, name: str, bad: Conversations | None = None, locations: list[str] | None = None
+    ) -> PackedRows:
         """Tokenize (or load from the cache) with HF datasets, drop what cannot be trained, pack into rows.
 
         `bad` carries the examples skipped while reading, which count against this split.
@@ -779,7 +810,7 @@ class ChatDataModule(L.LightningDataModule):
         lengths, trained = list(ds["length"]), list(ds["trained"])
         kept = [i for i, o in enumerate(outcomes) if o in (KEPT, TRUNCATED)]
         packed = pack_rows([lengths[i] for i in kept], hp.max_length)
-        rows = PackedRows(ds, [[kept[j] for j in row] for row in packed])
+        rows = PackedRows(ds, [[kept[j] for j in row] for row in packed], locations)
 
         counts = Counter(outcomes)
         loaded = bad.skipped if bad else {}
@@ -821,24 +852,25 @@ class ChatDataModule(L.LightningDataModule):
         hp = self.hparams
         if stage in ("fit", "validate") and "train" not in self.rows:
             read = self._read(hp.train_file, hp.split)
-            train, val_bad = read.conversations, None
+            train, train_at, val_bad = read.conversations, read.locations, None
             if hp.val_file:
                 val_bad = self._read(hp.val_file, hp.val_split or hp.split)
-                val = val_bad.conversations
+                val, val_at = val_bad.conversations, val_bad.locations
             else:
                 g = torch.Generator().manual_seed(hp.seed)
                 perm = torch.randperm(len(train), generator=g).tolist()
                 n_val = max(1, round(hp.val_fraction * len(train))) if hp.val_fraction > 0 else 0
-                val = [train[i] for i in perm[:n_val]]
-                train = [train[i] for i in sorted(perm[n_val:])]
+                val, val_at = [train[i] for i in perm[:n_val]], [train_at[i] for i in perm[:n_val]]
+                keep = sorted(perm[n_val:])
+                train, train_at = [train[i] for i in keep], [train_at[i] for i in keep]
             # Examples skipped while reading a file that is then split count against the training split.
-            self.rows["train"] = self._tokenize(train, "train", read)
-            self.rows["val"] = self._tokenize(val, "val", val_bad) if val else []
+            self.rows["train"] = self._tokenize(train, "train", read, train_at)
+            self.rows["val"] = self._tokenize(val, "val", val_bad, val_at) if val else []
         if stage == "test" and "test" not in self.rows:
             if not hp.test_file:
                 raise DataError("data.test_file is not set; `test` needs a test file")
             read = self._read(hp.test_file, hp.split)
-            self.rows["test"] = self._tokenize(read.conversations, "test", read)
+            self.rows["test"] = self._tokenize(read.conversations, "test", read, read.locations)
 
         if stage == "predict" and "predict" not in self.rows:
             if not hp.predict_file:
@@ -879,16 +911,13 @@ class ChatDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self):
+        from phi3lit.generate import left_pad  # generate.py imports this module
+
         tok = self.load_tokenizer()
 
         def collate_prompts(prompts):  # left padding, so every reply starts right after its prompt
             ids = [tokenize_chat(p, tok, add_generation_prompt=True)["input_ids"] for p in prompts]
-            width = max(map(len, ids))
-            input_ids = torch.full((len(ids), width), tok.unk_token_id or 0, dtype=torch.long)
-            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-            for b, x in enumerate(ids):
-                input_ids[b, width - len(x) :] = torch.tensor(x)
-                attention_mask[b, width - len(x) :] = 1
+            input_ids, attention_mask = left_pad(ids, tok.unk_token_id or 0)
             return {"input_ids": input_ids, "attention_mask": attention_mask, "messages": prompts}
 
         return DataLoader(self.rows["predict"], batch_size=self.hparams.batch_size, collate_fn=collate_prompts)

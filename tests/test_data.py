@@ -39,7 +39,8 @@ def test_collate_positions_restart_and_padding_is_masked_by_position():
     b = {"input_ids": [8, 9], "labels": [IGNORE_INDEX, 9]}
     c = {"input_ids": [4], "labels": [IGNORE_INDEX]}
     batch = collate([[a, b], [c]], pad_id=0, multiple_of=8)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert {k for k, v in batch.items() if torch.is_tensor(v)} == {"input_ids", "labels", "position_ids"}
+    assert batch["real_tokens"] == 6
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [4, 0, 0, 0, 0, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 0, 1, 2, 3, 4, 5, 6]]
     assert batch["labels"].tolist()[0] == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9] + [IGNORE_INDEX] * 3

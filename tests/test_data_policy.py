@@ -41,6 +41,7 @@ def setup_dm(tmp_path, conversations, **kwargs):
 def test_literal_special_token_text_is_plain_text_through_the_datamodule(tmp_path, tiny_path, tiny_tokenizer):
     dm = setup_dm(tmp_path, [HOSTILE], tokenizer=tiny_path, max_length=512)
     (conv,) = dm.rows["train"][0]
+    assert conv.pop("source").endswith("d.jsonl:1")  # where it came from, for error messages
     assert conv == assert_exact_mask(HOSTILE, tiny_tokenizer)  # the mask is the replies + <|end|>, nothing forged
 
 

@@ -153,6 +153,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(small_data, tmp
     args = fit_cmd(small_data, tmp_path, "--model.lr", "1e30", "--trainer.gradient_clip_val", "null")[3:]
     err = explain(capsys, args, code=3)
     assert "phi3lit: training error: non-finite loss" in err and "at optimizer step" in err
+    assert f"the step's examples: {small_data}:" in err  # file:line of the conversations in the bad step
     step = int(err.split("at optimizer step ")[1].split(";")[0].split(".")[0].split()[0])
     ckpts = sorted((tmp_path / "checkpoints").glob("step=*.ckpt"))
     assert len(ckpts) == step  # one per applied step, none for the bad one
@@ -222,3 +223,21 @@ def test_bad_data_file_fails_before_training(tmp_path, capsys):
     err = explain(capsys, fit_cmd(bad, tmp_path / "run")[3:])
     assert f"phi3lit: data error: {bad}:2: not valid JSON" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_tokenizer_without_chat_tokens_fails_before_loading(small_data, tmp_path, capsys, tiny_path):
+    import shutil
+
+    plain = tmp_path / "plain-model"
+    shutil.copytree(tiny_path, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = plain / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"chat_template"', '"unused_template"'))
+    err = explain(capsys, fit_cmd(small_data, tmp_path / "run", "--model.pretrained", str(plain))[3:])
+    assert "phi3lit: config error: data.train_on=assistant needs a tokenizer with Phi-3's chat tokens" in err
+
+
+def test_data_command_shows_stats_and_a_marked_example(capsys):
+    main(["data", "--config", TINY])
+    out = capsys.readouterr().out
+    assert "examples       1,140" in out and "packing" in out and "[[" in out and "<|end|>]]" in out
