@@ -329,7 +329,7 @@ class Conversations(NamedTuple):
     conversations: list[list[dict[str, str]]]
     skipped: dict[str, int]  # bad-example kind -> examples skipped (on_bad_example: skip)
     first_skip: dict[str, str]  # bad-example kind -> the first such example's message, for the log
-    locations: list[str] = []  # "file:line" / "file row N" of each conversation, for error messages
+    locations: tuple[str, ...] = ()  # "file:line" / "file row N" of each conversation, for error messages
 
 
 def read_conversations(
@@ -362,7 +362,7 @@ def read_conversations(
             first.setdefault(e.kind, str(e))
     if not conversations:
         raise DataError(f"{source}: no usable examples; all {len(rows)} were skipped ({dict(skipped)})")
-    return Conversations(conversations, dict(skipped), first, locations)
+    return Conversations(conversations, dict(skipped), first, tuple(locations))
 
 
 def load_conversations(
@@ -726,9 +726,9 @@ class ChatDataModule(L.LightningDataModule):
         """
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if max_length < 2:
-            raise ValueError(f"data.max_length must be at least 2, got {max_length}")
+            raise ConfigError(f"data.max_length must be at least 2, got {max_length}")
         for name, value, allowed in (  # the CLI checks these Literals; direct Python callers get the same message
             ("train_on", train_on, ("assistant", "all")),
             ("format", format, FORMATS),
@@ -736,7 +736,7 @@ class ChatDataModule(L.LightningDataModule):
             ("truncation", truncation, ("truncate", "drop")),
         ):
             if value not in allowed:
-                raise ValueError(f"data.{name} must be one of {', '.join(allowed)}, got {value!r}")
+                raise ConfigError(f"data.{name} must be one of {', '.join(allowed)}, got {value!r}")
         self.save_hyperparameters(logger=False)  # the CLI logs the whole resolved config instead
         self.tokenizer = None
         self.rows: dict[str, Sequence] = {}
