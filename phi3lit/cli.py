@@ -8,6 +8,7 @@ A run lives in one folder, `trainer.default_root_dir`:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -100,6 +101,11 @@ def check_devices(config) -> None:
         raise EnvironmentProblem(f"trainer.precision={precision} (FP8) is GPU-only: use 32-true or bf16-mixed on CPU")
     if "bf16" in precision and cuda and not torch.cuda.is_bf16_supported():
         raise EnvironmentProblem(f"trainer.precision={precision}: this GPU has no bf16; use 16-mixed")
+    strategy = str(config.trainer.strategy).lower()
+    if "deepspeed" in strategy and importlib.util.find_spec("deepspeed") is None:
+        raise EnvironmentProblem(
+            "trainer.strategy uses DeepSpeed, which is not installed: pip install 'phi3lit[deepspeed]'"
+        )
     if config.model.attn_implementation == "flash_attention_2" and not cuda:
         raise EnvironmentProblem(
             "model.attn_implementation=flash_attention_2 is GPU-only (CUDA): use sdpa on this machine"

@@ -196,6 +196,16 @@ def test_flash_attention_needs_a_gpu(small_data, tmp_path, capsys):
     assert "flash_attention_2 is GPU-only" in err
 
 
+def test_deepspeed_strategy_names_the_extra(small_data, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    fragment = str(ROOT / "configs" / "strategy" / "deepspeed_zero2.yaml")
+    err = explain(capsys, fit_cmd(small_data, tmp_path, "--config", fragment)[3:])
+    assert "DeepSpeed, which is not installed: pip install 'phi3lit[deepspeed]'" in err
+
+
 def test_fp8_precision_needs_a_gpu(small_data, tmp_path, capsys):
     err = explain(capsys, fit_cmd(small_data, tmp_path, "--trainer.precision", "transformer-engine")[3:])
     assert "trainer.precision=transformer-engine (FP8) is GPU-only" in err
