@@ -121,3 +121,23 @@ def test_bad_data_file_fails_before_training_without_traceback(tmp_path, capsys)
     err = capsys.readouterr().err
     assert f"phi3lit: data error: {bad}:2: not valid JSON" in err and "Traceback" not in err
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_predict_from_adapter_folder_and_merged_model(run_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 2 + 3?"}]}) + "\n")
+    base = ["predict", "--config", TINY, "--data.predict_file", str(prompts), "--model.max_new_tokens", "8"]
+    main([*base, "--trainer.default_root_dir", str(tmp_path / "a"), "--model.adapter", str(run_dir / "adapter")])
+    main(["export", "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "merged"), "--merge"])
+    main([*base, "--trainer.default_root_dir", str(tmp_path / "m"), "--model.pretrained", str(tmp_path / "merged")])
+    main(
+        [
+            *base,
+            "--trainer.default_root_dir",
+            str(tmp_path / "c"),
+            "--ckpt_path",
+            str(run_dir / "checkpoints" / "last.ckpt"),
+        ]
+    )
+    replies = [json.loads((tmp_path / d / "predictions.jsonl").read_text())["reply"] for d in ("a", "m", "c")]
+    assert replies[0] == replies[1] == replies[2]  # the same model, loaded three ways, answers the same
