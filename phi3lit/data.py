@@ -532,15 +532,18 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
     """Rows of packed conversations -> `input_ids`, `labels`, `position_ids` (B, T) tensors.
 
     Positions restart at 0 for each conversation; the padding tail is one more run of positions, so
-    it is its own block in the block-causal mask and never attended to by real tokens. Two bookkeeping
-    fields ride along, never given to the model: `real_tokens` (non-padding tokens, for throughput) and
-    `sources` (where each conversation came from, for error messages).
+    it is its own block in the block-causal mask and never attended to by real tokens. `cu_seq_lens` holds
+    the same blocks as cumulative offsets over the flattened rows (int32, what varlen attention kernels and
+    `phi3lit.attention` take) and `max_seq_len` the longest block. Two bookkeeping fields ride along, never
+    given to the model: `real_tokens` (non-padding tokens, for throughput) and `sources` (where each
+    conversation came from, for error messages).
     """
     width = max(sum(len(c["input_ids"]) for c in row) for row in rows)
     width = -(-width // multiple_of) * multiple_of  # round up: fewer distinct shapes for kernels
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    blocks = []  # lengths of the conversations and padding runs, row after row
     for b, row in enumerate(rows):
         t = 0
         for conv in row:
@@ -548,14 +551,19 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
             input_ids[b, t : t + n] = torch.tensor(conv["input_ids"])
             labels[b, t : t + n] = torch.tensor(conv["labels"])
             position_ids[b, t : t + n] = torch.arange(n)
+            blocks.append(n)
             t += n
         position_ids[b, t:] = torch.arange(width - t)
+        if width > t:
+            blocks.append(width - t)
     real = sum(len(c["input_ids"]) for row in rows for c in row)
     sources = [c["source"] for row in rows for c in row if "source" in c]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
+        "cu_seq_lens": torch.tensor([0, *itertools.accumulate(blocks)], dtype=torch.int32),
+        "max_seq_len": max(blocks),
         "real_tokens": real,
         "sources": sources,
     }

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
+from phi3lit import attention  # noqa: F401 (registers the sdpa_docs attention with transformers)
 from phi3lit.data import IGNORE_INDEX
 from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, NonFiniteError, missing_model
 from phi3lit.generate import generate_ids
@@ -99,7 +100,7 @@ class Phi3LoRA(L.LightningModule):
         pretrained: str = "builtin:tiny-phi3",
         lora: LoraSpec = LoraSpec(),  # noqa: B008 (a frozen-by-convention default, jsonargparse shows it)
         torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
-        attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
+        attn_implementation: Literal["sdpa_docs", "sdpa", "eager", "flash_attention_2"] = "sdpa_docs",
         gradient_checkpointing: bool = False,
         max_length: int = 1024,
         lr: float = 2e-4,
@@ -115,6 +116,7 @@ class Phi3LoRA(L.LightningModule):
         lora_fp32: bool = True,
         quantization: Literal["nf4"] | None = None,
         ce_chunk: int = 0,
+        compile: bool = False,
     ):
         """
         Args:
@@ -122,7 +124,9 @@ class Phi3LoRA(L.LightningModule):
                 `builtin:tiny-phi3`. The tokenizer is read from the same place.
             lora: LoRA rank, alpha, dropout and target modules.
             torch_dtype: dtype the frozen base weights are loaded in.
-            attn_implementation: attention kernel of transformers.
+            attn_implementation: `sdpa_docs` (phi3lit.attention): SDPA once per packed conversation, causal, no
+                mask; `sdpa`/`eager`: transformers' kernels with a dense block-diagonal mask (references);
+                `flash_attention_2`: varlen flash-attn over the same conversations (CUDA).
             gradient_checkpointing: recompute activations in backward (non-reentrant) to save memory.
             max_length: longest packed row; linked from `data.max_length`.
             lr: peak AdamW learning rate, reached after `warmup_steps`.
@@ -143,6 +147,8 @@ class Phi3LoRA(L.LightningModule):
                 compute (QLoRA; needs the `qlora` extra: bitsandbytes, CUDA).
             ce_chunk: compute the LM head and cross-entropy over this many trained positions at a time, recomputing
                 each chunk's logits in backward, so at most `ce_chunk x vocab` fp32 logits exist at once (0: all).
+            compile: `torch.compile` each decoder layer (fuses norms, RoPE, SiLU and the LoRA adds; attention stays
+                eager because document offsets change every batch). The first steps pay the compile time.
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # RunConfig logs the whole resolved config instead
@@ -200,6 +206,9 @@ class Phi3LoRA(L.LightningModule):
             self.model = PeftModel.from_pretrained(base, hp.adapter, is_trainable=True)
         else:
             self.model = apply_lora(base, self.lora)
+        if hp.compile:
+            for layer in base.model.layers:  # the layers share code, so they share the compiled graphs
+                layer.compile(dynamic=True)  # row widths vary by batch: one graph for all of them
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(hp.pretrained))  # for decoding replies
 
     def param_counts(self) -> tuple[int, int]:
@@ -233,6 +242,7 @@ class Phi3LoRA(L.LightningModule):
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
             use_cache=False,  # with a cache, transformers ignores position_ids for the packed mask
+            **self._document_kwargs(batch),
         ).last_hidden_state
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
@@ -240,6 +250,18 @@ class Phi3LoRA(L.LightningModule):
             hidden[:, :-1][keep], causal_lm.lm_head, targets[keep], self.hparams.ce_chunk
         )
         return loss_sum, keep.sum(), correct
+
+    def _document_kwargs(self, batch: dict) -> dict:
+        """Where each packed conversation starts, for kernels that skip the dense mask (none: they use it)."""
+        if "cu_seq_lens" not in batch:
+            return {}
+        if self.hparams.attn_implementation == "sdpa_docs":
+            return {"doc_offsets": batch["cu_seq_lens"].cpu()}  # one host copy per forward, not per layer
+        if self.hparams.attn_implementation == "flash_attention_2":
+            # transformers infers documents from position_ids only for a single row; these cover any batch.
+            cu, longest = batch["cu_seq_lens"], batch["max_seq_len"]
+            return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        return {}
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # Restored here, not at load time, so that nothing Lightning does in between shifts the streams.

@@ -60,3 +60,26 @@ def test_flash_attention_packed_equals_sdpa(tmp_path):
     b = fit(tmp_path / "fa2", "--trainer.precision", "bf16-mixed", "--model.torch_dtype", "bfloat16",
             "--model.attn_implementation", "flash_attention_2")  # fmt: skip
     assert max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in a["state_dict"]) < 5e-2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn")
+def test_flash_attention_varlen_isolates_documents_across_rows():
+    # transformers infers documents from position_ids only for one row; phi3lit passes cu_seq_lens for any batch.
+    from test_attention import packed_batch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, vocab_size=100, pad_token_id=0, sliding_window=None)  # fmt: skip
+    model = Phi3ForCausalLM(config).to("cuda", torch.bfloat16)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed_batch([[30, 50], [20, 41]], 100).items()}
+    from phi3lit.model import Phi3LoRA
+
+    outs = {}
+    for impl in ("sdpa", "flash_attention_2"):
+        extra = Phi3LoRA(attn_implementation=impl)._document_kwargs(batch)  # what training passes
+        assert bool(extra) == (impl == "flash_attention_2")
+        model.set_attn_implementation(impl)
+        outs[impl] = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                                 **extra).last_hidden_state.float()  # fmt: skip
+    assert (outs["sdpa"] - outs["flash_attention_2"]).abs().max().item() < 5e-2

@@ -220,3 +220,15 @@ def test_lora_state_dict_then_base_and_lora_checkpoints_with_strict_false(bias):
     fresh(x).pow(2).mean().backward()
     opt.step()
     assert fresh(x).pow(2).mean().item() < before
+
+
+@pytest.mark.parametrize("targets", [["qkv_proj", "down_proj"], ["q", "v"]])  # whole and slice-aware layers
+def test_zero_dropout_is_identity_so_no_input_copy(tiny_path, targets):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_lora(tiny_path, targets=targets)  # dropout 0
+    drops = [m for name, m in model.named_modules() if name.endswith("lora_dropout.default")]
+    assert drops and all(isinstance(m, nn.Identity) for m in drops)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_path), LoraSpec(dropout=0.05, targets=targets))
+    drops = [m for name, m in model.named_modules() if name.endswith("lora_dropout.default")]
+    assert drops and all(isinstance(m, nn.Dropout) for m in drops)
