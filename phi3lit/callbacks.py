@@ -101,6 +101,26 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
 
 
+def model_flops(pl_module) -> tuple[int, int, int]:
+    """FLOPs of one training step: (per token, per trained token, per token per attended position).
+
+    Frozen matmuls cost forward (2N) + input-gradient (2N) per token; trained ones also their weight gradient
+    (+2N). Embedding lookups are not matmuls. The LM head is needed only where the loss is: phi3lit runs it at
+    trained positions only, so it is counted there (4 x its weights each). Attention adds 12 * layers * hidden
+    per token per attended position of its own document (forward 4 * hidden * ctx, backward twice that).
+    """
+    trainable, total = pl_module.param_counts()
+    causal_lm = pl_module.model.get_base_model()
+    embed = causal_lm.get_input_embeddings().weight.numel()
+    head = causal_lm.get_output_embeddings().weight.numel()
+    config = causal_lm.config
+    return (
+        4 * (total - trainable - embed - head) + 6 * trainable,
+        4 * head,
+        12 * config.num_hidden_layers * config.hidden_size,
+    )
+
+
 class TrainMonitor(L.Callback):
     def __init__(self, peak_flops: float | None = None, plot: bool = True):
         """
@@ -113,14 +133,7 @@ class TrainMonitor(L.Callback):
         self.plot = plot
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        trainable, total = pl_module.param_counts()
-        embed = pl_module.model.get_base_model().get_input_embeddings().weight.numel()
-        config = pl_module.model.get_base_model().config
-        # Frozen matmuls cost forward (2N) + input-gradient (2N) per token; trained ones also their weight
-        # gradient (+2N). Embedding lookups are not matmuls. Attention adds 12 * layers * hidden per token per
-        # attended position (forward 4 * hidden * ctx, backward twice that), counted from the batch.
-        self.flops_per_token = 4 * (total - trainable - embed) + 6 * trainable
-        self.attn_flops_per_ctx = 12 * config.num_hidden_layers * config.hidden_size
+        self.flops_per_token, self.head_flops_per_trained, self.attn_flops_per_ctx = model_flops(pl_module)
         device = pl_module.device
         if self.peak_flops is None:
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
@@ -147,7 +160,11 @@ class TrainMonitor(L.Callback):
             return
         now = time.perf_counter()
         seconds = max(now - self.t0 - self.paused, 1e-9)
-        flops = self.flops_per_token * self.real + self.attn_flops_per_ctx * float(self.attn_ctx)
+        flops = (
+            self.flops_per_token * self.real
+            + self.head_flops_per_trained * float(self.trained)
+            + self.attn_flops_per_ctx * float(self.attn_ctx)
+        )
         stats = {
             "train/tokens_per_sec": self.real / seconds,
             "train/trained_tokens_per_sec": float(self.trained) / seconds,

@@ -4,11 +4,13 @@
     python experiments/bench/gpu.py --smoke    # the same code end to end on the CPU, shrunken shape
 
 Random-init Phi-3-mini (3.8 B, hidden 3072, 32 layers), bf16 base, fp32 LoRA r=16 on all linear projections,
-rows of 4096 tokens packed from conversations of random lengths (position_ids restart per conversation), half the
-positions trained. For sdpa (and flash_attention_2 when flash-attn is installed) x gradient checkpointing on/off
-x chunked cross-entropy on/off it reports tokens/s, MFU against 989 TFLOP/s (H100/H200 dense bf16) and against
-a bf16 matmul peak measured here, and peak CUDA memory. Target: >= 25,000 tokens/s and <= 30 GB without
-checkpointing. MFU counts 4 x frozen + 6 x trainable FLOPs per token plus attention.
+rows of 4096 tokens packed by phi3lit's collate from conversations of random lengths, half the positions trained,
+through `Phi3LoRA.token_losses` (the step phi3lit trains with). For sdpa_docs (and flash_attention_2 with varlen
+offsets when flash-attn is installed) x gradient checkpointing on/off x chunked cross-entropy on/off, plus sdpa
+with transformers' dense mask as a reference, it reports tokens/s, MFU against 989 TFLOP/s (H100/H200 dense
+bf16) and against a bf16 matmul peak measured here, and peak CUDA memory. Target: >= 25,000 tokens/s and
+<= 30 GB without checkpointing. MFU counts phi3lit.callbacks.model_flops: 4 x frozen + 6 x trainable FLOPs per
+token, the LM head at trained positions, attention within each conversation.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import time
 
 import torch
 
-from phi3lit.callbacks import measure_matmul_flops
+from phi3lit.callbacks import measure_matmul_flops, model_flops
+from phi3lit.data import collate
 from phi3lit.lora import LoraSpec, apply_lora
-from phi3lit.model import chunked_cross_entropy
+from phi3lit.model import Phi3LoRA
 
 SPEC_PEAK = 989e12
 REAL = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
@@ -31,30 +34,23 @@ SMOKE = dict(REAL, hidden_size=256, intermediate_size=512, num_hidden_layers=2, 
              num_key_value_heads=4, max_position_embeddings=512, sliding_window=511)  # fmt: skip
 
 
-def packed_batch(rows: int, length: int, vocab: int, device, generator) -> dict:
-    ids = torch.randint(3, vocab, (rows, length), generator=generator)
-    pos = torch.empty(rows, length, dtype=torch.long)
-    for b in range(rows):
-        t = 0
+def packed_batch(rows: int, length: int, vocab: int, generator) -> dict:
+    """Rows of conversations of random lengths, half their positions trained, through phi3lit's own collate."""
+    convs = []
+    for _ in range(rows):
+        row, t = [], 0
         while t < length:
             n = min(int(torch.randint(length // 8, length // 2, (1,), generator=generator)), length - t)
-            pos[b, t : t + n] = torch.arange(n)
+            ids = torch.randint(3, vocab, (n,), generator=generator)
+            labels = torch.where(torch.rand(n, generator=generator) < 0.5, -100, ids)
+            row.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
             t += n
-    labels = ids.clone()
-    labels[torch.rand(rows, length, generator=generator) < 0.5] = -100
-    return {k: v.to(device) for k, v in dict(input_ids=ids, position_ids=pos, labels=labels).items()}
-
-
-def step_loss(model, batch, ce_chunk: int) -> torch.Tensor:
-    lm = model.get_base_model()
-    hidden = lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    loss, _ = chunked_cross_entropy(hidden.last_hidden_state[:, :-1][keep], lm.lm_head, targets[keep], ce_chunk)
-    return loss / keep.sum()
+        convs.append(row)
+    return collate(convs, pad_id=0)
 
 
 def run(shape: dict, attn: str, checkpointing: bool, ce_chunk: int, rows: int, steps: int, device) -> dict:
+    """Phi3LoRA.token_losses (the training step phi3lit runs) on a random-init model built on the device."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
@@ -64,34 +60,37 @@ def run(shape: dict, attn: str, checkpointing: bool, ce_chunk: int, rows: int, s
         base = Phi3ForCausalLM(config).to(dtype)
     if checkpointing:
         base.gradient_checkpointing_enable({"use_reentrant": False})
-    model = apply_lora(base, LoraSpec(r=16, alpha=32, dropout=0.0, targets=["all-linear"])).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    module = Phi3LoRA(attn_implementation=attn, ce_chunk=ce_chunk, max_length=shape["max_position_embeddings"])
+    module.model = apply_lora(base, LoraSpec(r=16, alpha=32, dropout=0.0, targets=["all-linear"])).train()
+    params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
     length = shape["max_position_embeddings"]
-    batches = [packed_batch(rows, length, shape["vocab_size"], device, g) for _ in range(2)]
+    batches = [packed_batch(rows, length, shape["vocab_size"], g) for _ in range(2)]
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    warmup, t0, ctx = 2, None, 0
+    warmup, t0, ctx, trained = 2, None, 0, 0
     for i in range(warmup + steps):
         if i == warmup:
             sync()
             t0 = time.perf_counter()
         batch = batches[i % 2]
-        step_loss(model, batch, ce_chunk).backward()
+        loss_sum, n, _ = module.token_losses(batch)
+        (loss_sum / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i >= warmup:
             ctx += int((batch["position_ids"] + 1).sum())
+            trained += int(n)
     sync()
     seconds = time.perf_counter() - t0
     tokens = steps * rows * length
-    trainable = sum(p.numel() for p in params)
-    frozen = sum(p.numel() for p in model.parameters()) - trainable - base.get_input_embeddings().weight.numel()
-    flops = (4 * frozen + 6 * trainable) * tokens + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * ctx
+    per_token, per_trained, per_ctx = model_flops(module)
+    flops = per_token * tokens + per_trained * trained + per_ctx * ctx
     peak_mem = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
-    del model, base, optimizer
+    del module, base, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"attn": attn, "checkpointing": checkpointing, "ce_chunk": ce_chunk, "tokens_per_sec": tokens / seconds,
@@ -112,16 +111,16 @@ def main() -> None:
     dtype = torch.float32 if smoke else torch.bfloat16
     peak = measure_matmul_flops(device, dtype, n=1024 if smoke else 8192)
     print(f"device {device}, measured {dtype} matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
-    attns = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") and not smoke else [])
+    attns = ["sdpa_docs"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") and not smoke else [])
+    configs = [(attn, gc, ce) for attn in attns for gc in (False, True) for ce in (0, 4096)]
+    configs.append(("sdpa", False, 0))  # reference: transformers' dense block-diagonal mask
     results = []
-    for attn in attns:
-        for checkpointing in (False, True):
-            for ce_chunk in (0, 4096):
-                r = run(shape, attn, checkpointing, ce_chunk, rows, steps, device)
-                r["mfu_spec"] = r["tflops"] * 1e12 / SPEC_PEAK
-                r["mfu_measured"] = r["tflops"] * 1e12 / peak
-                print(json.dumps(r), flush=True)
-                results.append(r)
+    for attn, checkpointing, ce_chunk in configs:
+        r = run(shape, attn, checkpointing, ce_chunk, rows, steps, device)
+        r["mfu_spec"] = r["tflops"] * 1e12 / SPEC_PEAK
+        r["mfu_measured"] = r["tflops"] * 1e12 / peak
+        print(json.dumps(r), flush=True)
+        results.append(r)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": str(device), "matmul_peak_tflops": peak / 1e12, "results": results}, f, indent=2)
