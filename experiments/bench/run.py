@@ -55,37 +55,42 @@ def build_model(out: Path) -> Path:
     return out
 
 
-def flops_per_token(model, trainable: int) -> float:
+def step_flops(model, trainable: int) -> tuple[int, int]:
+    """(per token, per loss position): frozen matmuls 4N, trained 6N; the LM head only where a loss is taken."""
     total = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
-    return 4 * (total - trainable - embed) + 6 * trainable  # + attention, added per step from the positions
+    head = model.get_output_embeddings().weight.numel()
+    return 4 * (total - trainable - embed - head) + 6 * trainable, 4 * head  # + attention, from the positions
 
 
 class Clock:
-    """Tokens and seconds after warm-up; attention FLOPs from the attended positions."""
+    """Tokens and seconds after warm-up; attention FLOPs from the attended positions of each document."""
 
     def __init__(self, warmup: int, hidden: int, layers: int):
         self.warmup, self.step, self.t0 = warmup, 0, None
-        self.tokens = self.attn_ctx = 0
+        self.tokens = self.attn_ctx = self.loss_positions = 0
         self.attn_per_ctx = 12 * layers * hidden
 
-    def batch(self, tokens: int, ctx: int) -> None:
+    def batch(self, tokens: int, ctx: int, loss_positions: int) -> None:
         if self.step >= self.warmup:
             self.tokens += tokens
             self.attn_ctx += ctx
+            self.loss_positions += loss_positions
 
     def step_end(self) -> None:
         self.step += 1
         if self.step == self.warmup:
             self.t0 = time.perf_counter()
 
-    def result(self, per_token: float, peak: float, name: str) -> dict:
+    def result(self, flops: tuple[int, int], peak: float, name: str) -> dict:
         seconds = time.perf_counter() - self.t0
-        flops = per_token * self.tokens + self.attn_per_ctx * self.attn_ctx
+        per_token, per_loss = flops
+        total = per_token * self.tokens + per_loss * self.loss_positions + self.attn_per_ctx * self.attn_ctx
         return {
             "framework": name, "tokens_per_sec": self.tokens / seconds, "timed_steps": self.step - self.warmup,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-            "mfu": flops / seconds / peak, "matmul_peak_gflops": peak / 1e9,
+            "mfu": total / seconds / peak, "matmul_peak_gflops": peak / 1e9,
+            "loss_positions_share": self.loss_positions / max(1, self.tokens),
         }  # fmt: skip
 
 
@@ -97,31 +102,37 @@ def lora_config(task_type: str | None = "CAUSAL_LM"):
 
 
 # ---------------------------------------------------------------------------- phi3lit
-def run_phi3lit(model_dir: str, steps: int, warmup: int, peak: float) -> dict:
+def run_phi3lit(model_dir: str, steps: int, warmup: int, peak: float, options: dict) -> dict:
+    """phi3lit as its CLI runs it (allocator kept unless `allocator: system`); `options` change one default."""
     import lightning as L
 
-    from phi3lit.data import ChatDataModule
+    from phi3lit.allocator import keep_freed_memory
+    from phi3lit.data import IGNORE_INDEX, ChatDataModule
     from phi3lit.lora import LoraSpec
     from phi3lit.model import Phi3LoRA
 
+    options = dict(options)
+    if options.pop("allocator", "keep") == "keep":
+        keep_freed_memory()
     clock = Clock(warmup, SHAPE["hidden_size"], SHAPE["num_hidden_layers"])
 
     class Timer(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            real = batch.get("real_tokens")
-            real = int(real) if real is not None else int((batch["input_ids"] != 0).sum())  # pad id 0 is <unk>
-            clock.batch(real, int((batch["position_ids"] + 1).sum()))
+            trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            clock.batch(int(batch["real_tokens"]), int((batch["position_ids"] + 1).sum()), trained)
             clock.step_end()
 
     L.seed_everything(0)
-    module = Phi3LoRA(pretrained=model_dir, lora=LoraSpec(r=16, alpha=32, dropout=0.05), max_length=LENGTH)
-    dm = ChatDataModule(data_path(), val_fraction=0.0, tokenizer=model_dir, max_length=LENGTH, batch_size=ROWS)
+    lora = LoraSpec(r=16, alpha=32, dropout=options.pop("dropout", 0.05))
+    workers = options.pop("num_workers", 0)
+    module = Phi3LoRA(pretrained=model_dir, lora=lora, max_length=LENGTH, **options)
+    dm = ChatDataModule(data_path(), val_fraction=0.0, tokenizer=model_dir, max_length=LENGTH, batch_size=ROWS,
+                        num_workers=workers)  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", precision="32-true", max_steps=steps + warmup, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Timer()], num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
     trainer.fit(module, dm)
-    per_token = flops_per_token(module.model, module.param_counts()[0])
-    return clock.result(per_token, peak, "phi3lit")
+    return clock.result(step_flops(module.model, module.param_counts()[0]), peak, "phi3lit")
 
 
 # ---------------------------------------------------------------------------- TRL
@@ -145,7 +156,8 @@ def run_trl(model_dir: str, steps: int, warmup: int, peak: float, packing: str, 
             real = int(mask.sum()) if mask is not None else int(ids.numel())
             pos = inputs.get("position_ids")
             ctx = int((pos + 1).sum()) if pos is not None else real * LENGTH // 2
-            clock.batch(real, ctx)
+            labels = inputs.get("labels")  # TRL's loss covers every token of a messages dataset
+            clock.batch(real, ctx, int((labels[:, 1:] != -100).sum()) if labels is not None else real)
             return super().training_step(model, inputs, num_items_in_batch)
 
     class Steps(TrainerCallback):
@@ -163,10 +175,22 @@ def run_trl(model_dir: str, steps: int, warmup: int, peak: float, packing: str, 
     trainer.train()
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     name = f"trl ({packing}{', checkpointing' if checkpointing else ''})"
-    return clock.result(flops_per_token(trainer.model, trainable), peak, name)
+    return clock.result(step_flops(trainer.model, trainable), peak, name)
 
 
 # ---------------------------------------------------------------------------- driver
+USERS, KEPT = "as users run it", "allocator kept (MALLOC_MMAP_MAX_=0, TRIM=64G)"
+VARIANTS = [  # one phi3lit default changed at a time: what each switch is worth
+    {"attn_implementation": "sdpa"},  # transformers' dense block-diagonal mask instead of per-document SDPA
+    {"allocator": "system"},  # no mallopt at start-up
+    {"gradient_checkpointing": True},
+    {"compile": True},
+    {"dropout": 0.0},  # peft uses nn.Identity: no dropout copy of the input
+    {"num_workers": 1},
+    {"ce_chunk": 1024},
+]
+
+
 def child(args) -> None:
     import torch
 
@@ -175,11 +199,27 @@ def child(args) -> None:
     torch.manual_seed(0)
     peak = measure_matmul_flops(torch.device("cpu"), torch.float32)
     if args.child == "phi3lit":
-        result = run_phi3lit(args.model, args.steps, args.warmup, peak)
+        result = run_phi3lit(args.model, args.steps, args.warmup, peak, json.loads(args.options))
     else:
         packing, gc = args.child.split(":")[1], args.child.endswith(":gc")
-        result = run_trl(args.model, args.steps, args.warmup, peak, packing.replace("-gc", ""), gc)
+        result = run_trl(args.model, args.steps, args.warmup, peak, packing, gc)
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def plan(only: str | None, variants: bool) -> list[tuple[str, str, dict, str, dict]]:
+    """(table, environment, extra env, child, phi3lit options) for every process to run."""
+    runs = []
+    for env_name, env in ((USERS, {}), (KEPT, ALLOCATOR)):
+        if only != "trl":
+            runs.append(("side by side", env_name, env, "phi3lit", {}))
+        if only != "phi3lit":
+            runs.append(("side by side", env_name, env, "trl:bfd", {}))
+    if only != "phi3lit":
+        runs.append(("side by side", USERS, {}, "trl:bfd:gc", {}))  # TRL's defaults turn checkpointing on
+        runs.append(("side by side", KEPT, ALLOCATOR, "trl:wrapped", {}))  # reference only: no isolation
+    if variants and only != "trl":
+        runs += [("phi3lit options", USERS, {}, "phi3lit", v) for v in VARIANTS]
+    return runs
 
 
 def main() -> None:
@@ -187,32 +227,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--only", choices=["phi3lit", "trl"], help="run one framework")
+    parser.add_argument("--variants", action="store_true", help="also phi3lit with each option switched")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for results.json / results.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
     model_dir = build_model(Path(os.environ.get("PHI3LIT_CACHE", Path.home() / ".cache" / "phi3lit")) / "bench-phi3")
-    runs = []  # (environment name, extra env, child)
-    for env_name, env in (("as users run it", {}), ("allocator kept (MALLOC_MMAP_MAX_=0, TRIM=64G)", ALLOCATOR)):
-        if args.only != "trl":
-            runs.append((env_name, env, "phi3lit"))
-        if args.only != "phi3lit":
-            runs.append((env_name, env, "trl:bfd"))
-    if args.only != "phi3lit":
-        runs.append(("as users run it", {}, "trl:bfd:gc"))  # TRL's defaults turn checkpointing on
-        runs.append(("allocator kept (MALLOC_MMAP_MAX_=0, TRIM=64G)", ALLOCATOR, "trl:wrapped"))  # reference only
     results = []
-    for env_name, env, who in runs:
-        cmd = [sys.executable, __file__, "--child", who, "--model", str(model_dir),
+    for table, env_name, env, who, options in plan(args.only, args.variants):
+        cmd = [sys.executable, __file__, "--child", who, "--model", str(model_dir), "--options", json.dumps(options),
                "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
         proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
-            print(f"{who} ({env_name}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            print(f"{who} {options} ({env_name}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
-        result = json.loads(line[-1][len("RESULT ") :]) | {"environment": env_name}
+        result = json.loads(line[-1][len("RESULT ") :]) | {"environment": env_name, "table": table}
+        if options:
+            result["framework"] += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
         print(json.dumps(result), flush=True)
         results.append(result)
     write(results, Path(args.out), args)
@@ -221,25 +256,32 @@ def main() -> None:
 def write(results: list[dict], out: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    flags = f" --only {args.only}" if args.only else ""
+    flags += " --variants" if args.variants else ""
     lines = [
-        f"`python experiments/bench/run.py --steps {args.steps} --warmup {args.warmup}`, "
+        f"`python experiments/bench/run.py --steps {args.steps} --warmup {args.warmup}{flags}`, "
         f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, torch threads default",
-        "",
-        "| environment | framework | real tokens/s | peak RSS (GB) | MFU | matmul peak (GFLOP/s) |",
-        "|---|---|---:|---:|---:|---:|",
     ]
-    for r in results:
-        lines.append(
-            f"| {r['environment']} | {r['framework']} | {r['tokens_per_sec']:.0f} | {r['peak_rss_gb']:.2f} | "
-            f"{r['mfu']:.1%} | {r['matmul_peak_gflops']:.0f} |"
-        )
+    for table in dict.fromkeys(r["table"] for r in results):
+        lines += [
+            "", f"**{table}**", "",
+            "| environment | framework | real tokens/s | peak RSS (GB) | MFU | matmul peak (GFLOP/s) |",
+            "|---|---|---:|---:|---:|---:|",
+        ]  # fmt: skip
+        for r in results:
+            if r["table"] == table:
+                lines.append(
+                    f"| {r['environment']} | {r['framework']} | {r['tokens_per_sec']:.0f} | "
+                    f"{r['peak_rss_gb']:.2f} | {r['mfu']:.1%} | {r['matmul_peak_gflops']:.0f} |"
+                )
     ours = {r["environment"]: r for r in results if r["framework"] == "phi3lit"}
+    lines.append("")
     for r in results:
         if r["framework"] != "phi3lit" and r["environment"] in ours:
             mine = ours[r["environment"]]
             speed = mine["tokens_per_sec"] / r["tokens_per_sec"]
             memory = mine["peak_rss_gb"] / r["peak_rss_gb"]
-            lines.append(f"\nphi3lit / {r['framework']} ({r['environment']}): {speed:.2f}x tokens/s, {memory:.2f}x RSS")
+            lines.append(f"- phi3lit / {r['framework']} ({r['environment']}): {speed:.2f}x tokens/s, {memory:.2f}x RSS")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
