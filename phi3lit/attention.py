@@ -8,8 +8,8 @@ row, although the block-causal pattern needs only sum(L_i^2)/2 for documents of 
 `sdpa_docs` is registered with transformers as an attention implementation. When the batch carries the
 documents' offsets (`doc_offsets`: cumulative lengths over the flattened `rows x T` tokens, from
 `phi3lit.data.collate`), it calls SDPA once per document with `is_causal=True`, so no mask is read and each
-document costs L^2/2. The offsets are a host tensor: reading them never waits for a GPU, and a compiled layer
-sees a tensor input instead of a list it would specialise (and recompile) on. Without offsets (generation with
+document costs L^2/2. The offsets are a host (CPU) tensor: reading them never waits for a GPU, and a compiled
+layer sees a tensor input instead of a list it would specialise (and recompile) on. Without offsets (generation with
 a KV cache, left-padded prompts) it is transformers' `sdpa`. Results equal `sdpa` with the dense mask (tested
 to 1e-5, forward and gradients).
 

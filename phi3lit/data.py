@@ -533,10 +533,11 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
 
     Positions restart at 0 for each conversation; the padding tail is one more run of positions, so
     it is its own block in the block-causal mask and never attended to by real tokens. `cu_seq_lens` holds
-    the same blocks as cumulative offsets over the flattened rows (int32, what varlen attention kernels and
-    `phi3lit.attention` take) and `max_seq_len` the longest block. Two bookkeeping fields ride along, never
-    given to the model: `real_tokens` (non-padding tokens, for throughput) and `sources` (where each
-    conversation came from, for error messages).
+    the same blocks as cumulative offsets over the flattened rows (int32, what varlen attention kernels take),
+    `doc_offsets` the same as a list (for `phi3lit.attention`; a list stays on the host when Lightning moves
+    the batch to a GPU, so reading it never waits for the device) and `max_seq_len` the longest block. Two
+    bookkeeping fields ride along, never given to the model: `real_tokens` (non-padding tokens, for
+    throughput) and `sources` (where each conversation came from, for error messages).
     """
     width = max(sum(len(c["input_ids"]) for c in row) for row in rows)
     width = -(-width // multiple_of) * multiple_of  # round up: fewer distinct shapes for kernels
@@ -556,13 +557,15 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
         position_ids[b, t:] = torch.arange(width - t)
         if width > t:
             blocks.append(width - t)
+    offsets = [0, *itertools.accumulate(blocks)]
     real = sum(len(c["input_ids"]) for row in rows for c in row)
     sources = [c["source"] for row in rows for c in row if "source" in c]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
-        "cu_seq_lens": torch.tensor([0, *itertools.accumulate(blocks)], dtype=torch.int32),
+        "cu_seq_lens": torch.tensor(offsets, dtype=torch.int32),
+        "doc_offsets": offsets,  # the same, as a list: it stays on the host when the batch moves to a GPU
         "max_seq_len": max(blocks),
         "real_tokens": real,
         "sources": sources,
@@ -697,6 +700,7 @@ class ChatDataModule(L.LightningDataModule):
         train_on: Literal["assistant", "all"] = "assistant",
         batch_size: int = 4,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
         seed: int = 0,
         format: Literal["auto", "messages", "sharegpt", "alpaca"] = "auto",
         hub_config: str | None = None,
@@ -718,7 +722,9 @@ class ChatDataModule(L.LightningDataModule):
             max_length: tokens per packed row; longer conversations follow `truncation`. Linked to the model.
             train_on: `assistant` trains on replies and their `<|end|>`; `all` on every token (model card).
             batch_size: packed rows per micro-batch.
-            num_workers: DataLoader worker processes.
+            num_workers: DataLoader worker processes (collation is cheap; measured in experiments/bench).
+            pin_memory: page-locked batches, so the copy to a GPU runs asynchronously; None: on when training
+                on CUDA, off on CPU, where it would only cost a copy.
             seed: seed of the train/validation split and of the per-epoch row order.
             format: layout of every data file: `messages` ({"messages": [{role, content}]}), `sharegpt`
                 ({"conversations": [{from, value}], "system"}), `alpaca` ({instruction, input, output} or
@@ -885,6 +891,11 @@ class ChatDataModule(L.LightningDataModule):
                 raise DataError("data.predict_file is not set; `predict` needs prompts")
             self.rows["predict"] = [prompt_of(c) for c in self._read(hp.predict_file, hp.split).conversations]
 
+    def _pin_memory(self) -> bool:
+        if self.hparams.pin_memory is not None:
+            return self.hparams.pin_memory
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         trainer = self.trainer
         # Order depends only on (seed, epoch): Lightning calls set_epoch, restores the epoch on resume and
@@ -904,6 +915,7 @@ class ChatDataModule(L.LightningDataModule):
             # Pad with <unk> (id 0 in Phi-3), never eos; padding is masked by position anyway.
             collate_fn=functools.partial(collate, pad_id=self.tokenizer.unk_token_id or 0),
             num_workers=self.hparams.num_workers,
+            pin_memory=self._pin_memory(),
             generator=torch.Generator().manual_seed(self.hparams.seed),  # keep the global RNG untouched
         )
         loader.trainer = trainer

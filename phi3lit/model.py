@@ -25,7 +25,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
@@ -34,30 +33,8 @@ from phi3lit.data import IGNORE_INDEX
 from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, NonFiniteError, missing_model
 from phi3lit.generate import generate_ids
 from phi3lit.lora import LoraSpec, apply_lora, effective_trainable, trainable_by_module
+from phi3lit.loss import chunked_cross_entropy
 from phi3lit.tiny import resolve_pretrained
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int = 0):
-    """(sum of cross-entropies, number of argmax hits) of `head(hidden)` against `targets`.
-
-    With `chunk > 0`, logits exist for one chunk of positions at a time: each chunk's forward runs under
-    activation checkpointing, which keeps only its hidden states and recomputes the `chunk x vocab` logits in
-    backward. The result and its gradients equal the unchunked computation (tested to 1e-5).
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    def piece(h: torch.Tensor, t: torch.Tensor):
-        logits = head(h).float()  # fp32 softmax: bf16 logits lose ~3 digits of the loss
-        return F.cross_entropy(logits, t, reduction="sum"), (logits.detach().argmax(-1) == t).sum()
-
-    if chunk <= 0 or hidden.shape[0] <= chunk:
-        return piece(hidden, targets)
-    loss, hits = hidden.new_zeros((), dtype=torch.float32), targets.new_zeros(())
-    for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start : start + chunk], targets[start : start + chunk]
-        part, part_hits = checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t)
-        loss, hits = loss + part, hits + part_hits
-    return loss, hits
 
 
 def quantization_config(kind: str | None):
@@ -115,7 +92,7 @@ class Phi3LoRA(L.LightningModule):
         max_skipped_steps: int = 10,
         lora_fp32: bool = True,
         quantization: Literal["nf4"] | None = None,
-        ce_chunk: int = 0,
+        ce_chunk: int = 1024,
         compile: bool = False,
     ):
         """
@@ -138,15 +115,16 @@ class Phi3LoRA(L.LightningModule):
             max_new_tokens: reply length limit for `predict`.
             adapter: a saved peft adapter folder to start from instead of fresh LoRA weights (e.g. to `predict`
                 or `test` with `<run>/adapter`); `lora` must then describe the same adapter.
-            on_nonfinite: a NaN/inf loss or gradient either stops training at once (the last good checkpoint
-                is kept), or skips that optimizer step.
+            on_nonfinite: a NaN/inf loss or gradient norm is never applied (the step is skipped on the device);
+                `stop` ends training at the next check (every `trainer.log_every_n_steps`), `skip` goes on.
             max_skipped_steps: with `skip`, stop anyway after this many skipped steps.
             lora_fp32: keep LoRA weights (and so AdamW's state) in fp32 even under `trainer.precision=bf16-true`,
                 which otherwise casts the whole module to bf16.
             quantization: `nf4` loads the frozen base in 4-bit NormalFloat with double quantization and bf16
                 compute (QLoRA; needs the `qlora` extra: bitsandbytes, CUDA).
-            ce_chunk: compute the LM head and cross-entropy over this many trained positions at a time, recomputing
-                each chunk's logits in backward, so at most `ce_chunk x vocab` fp32 logits exist at once (0: all).
+            ce_chunk: compute the LM head and cross-entropy over this many trained positions at a time, with the
+                gradient taken in the same pass (phi3lit.loss), so at most `ce_chunk x vocab` fp32 logits exist at
+                once and none are kept for backward (0: all logits at once, through autograd).
             compile: `torch.compile` each decoder layer (fuses norms, RoPE, SiLU and the LoRA adds; attention stays
                 eager because document offsets change every batch). The first steps pay the compile time.
         """
@@ -157,6 +135,8 @@ class Phi3LoRA(L.LightningModule):
         self.model = None  # built in configure_model, so parsing a config never loads weights
         self.val_loss_sum, self.val_tokens, self.val_correct = SumMetric(), SumMetric(), SumMetric()
         self._step_loss = self._step_tokens = None
+        self._unchecked: list[tuple] = []  # (step, non-finite flag, loss, grad norm, sources) not yet read
+        self._skipped = 0
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -256,7 +236,7 @@ class Phi3LoRA(L.LightningModule):
         if "cu_seq_lens" not in batch:
             return {}
         if self.hparams.attn_implementation == "sdpa_docs":
-            return {"doc_offsets": batch["cu_seq_lens"].cpu()}  # one host copy per forward, not per layer
+            return {"doc_offsets": torch.tensor(batch["doc_offsets"])}  # built on the host: no device sync
         if self.hparams.attn_implementation == "flash_attention_2":
             # transformers infers documents from position_ids only for a single row; these cover any batch.
             cu, longest = batch["cu_seq_lens"], batch["max_seq_len"]
@@ -299,29 +279,47 @@ class Phi3LoRA(L.LightningModule):
         self._step_loss = self._step_tokens = None
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)  # before clipping
-        if not torch.isfinite(loss + norm):  # one host sync per step: the price of stopping at once
-            self._nonfinite_step(loss, norm)
-            return
+        # No host sync: fused AdamW leaves weights and state untouched where `found_inf` is 1 (as under
+        # GradScaler), so a NaN/inf step is skipped on the device; the flags are read with the logged metrics.
+        # Summed over ranks, so that where gradients are sharded (FSDP) every rank skips the same steps.
+        bad = strategy.reduce((~torch.isfinite(loss + norm)).float(), reduce_op="sum") > 0
+        optimizer.found_inf = bad.float()
+        self._unchecked.append((self.trainer.global_step, bad, loss, norm, self._step_sources))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         self.log("train/grad_norm", norm)
 
-    def _nonfinite_step(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        step = self.trainer.global_step
-        sources = sorted(set(self._step_sources))
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # Every log_every_n_steps optimizer steps (when Lightning reads the logged tensors anyway) and at the end.
+        if self._unchecked and (self.trainer._logger_connector.should_update_logs or self.trainer.should_stop):
+            self.check_finite()
+
+    def on_train_end(self) -> None:
+        if self._unchecked:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Reads the non-finite flags of the steps since the last check (one host sync for all of them)."""
+        pending, self._unchecked = self._unchecked, []
+        flags = torch.stack([bad for _, bad, *_ in pending]).tolist()
+        for (step, _, loss, norm, sources), bad in zip(pending, flags, strict=True):
+            if bad:
+                self._nonfinite_step(step, loss, norm, sources)
+
+    def _nonfinite_step(self, step: int, loss: torch.Tensor, norm: torch.Tensor, sources: list[str]) -> None:
+        sources = sorted(set(sources))
         more = " ..." if len(sources) > 8 else ""
         where = f"; the step's examples: {', '.join(sources[:8])}{more}" if sources else ""
-        self._skipped = getattr(self, "_skipped", 0) + 1
+        self._skipped += 1
         if self.hparams.on_nonfinite == "skip" and self._skipped <= self.hparams.max_skipped_steps:
-            for p in self.parameters():
-                p.grad = None  # AdamW leaves parameters without a gradient untouched: the step is skipped
             self.log("train/skipped_steps", float(self._skipped))
             rank_zero_info(f"[phi3lit] skipped step {step}: loss {loss.item()}, grad norm {norm.item()}{where}")
             return
         raise NonFiniteError(
             f"non-finite loss ({loss.item()}) or gradient norm ({norm.item()}) at optimizer step {step}{where}. "
-            "Nothing was applied and no checkpoint was written after it; the last good checkpoint is in "
-            "checkpoints/. Lower model.lr, check the data, or set model.on_nonfinite=skip."
+            "That step was not applied (nor any later NaN/inf one), so every checkpoint in checkpoints/ holds "
+            f"finite weights; the check runs every trainer.log_every_n_steps, so training stopped at step "
+            f"{self.trainer.global_step}. Lower model.lr, check the data, or set model.on_nonfinite=skip."
         )
 
     def _eval_step(self, batch: dict) -> None:
@@ -363,7 +361,8 @@ class Phi3LoRA(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
+        # fused: one kernel for the whole update, and it honours `found_inf` (see on_before_optimizer_step).
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay, fused=True)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(hp.warmup_steps, int(hp.warmup_ratio * total))
 

@@ -42,7 +42,7 @@ def test_collate_positions_restart_and_padding_is_masked_by_position():
     assert {k for k, v in batch.items() if torch.is_tensor(v)} == {"input_ids", "labels", "position_ids", "cu_seq_lens"}
     assert batch["real_tokens"] == 6
     # The same blocks as offsets over the flattened rows: [a, b, pad | c, pad].
-    assert batch["cu_seq_lens"].tolist() == [0, 3, 5, 8, 9, 16] and batch["max_seq_len"] == 7
+    assert batch["cu_seq_lens"].tolist() == batch["doc_offsets"] == [0, 3, 5, 8, 9, 16] and batch["max_seq_len"] == 7
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [4, 0, 0, 0, 0, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 0, 1, 2, 3, 4, 5, 6]]
     assert batch["labels"].tolist()[0] == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9] + [IGNORE_INDEX] * 3
@@ -109,3 +109,14 @@ def test_train_order_depends_only_on_seed_and_epoch(tmp_path, tiny_path):
     loader.sampler.set_epoch(1)
     other = [b["input_ids"] for b in loader][:3]
     assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(first, other, strict=True))
+
+
+@pytest.mark.parametrize("setting, pinned", [(None, False), (True, True), (False, False)])
+def test_pin_memory_is_on_only_when_asked_or_training_on_cuda(tiny_path, tmp_path, setting, pinned):
+    import lightning as L
+
+    dm = ChatDataModule(str(TINY_DATA), tokenizer=tiny_path, max_length=128, pin_memory=setting,
+                        cache_dir=str(tmp_path))  # fmt: skip
+    dm.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)  # auto: off on CPU
+    dm.setup("fit")
+    assert dm.train_dataloader().pin_memory is pinned

@@ -4,6 +4,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import SHARED_DATA, needs_real_tokenizer, needs_shared_data
 
 from phi3lit.data import ChatDataModule, ResumableSampler, describe, render_trained, tokenize_chat
@@ -84,7 +85,8 @@ def test_datamodule_shards_by_trainer_rank(tmp_path, tiny_path):
     dm.setup("fit")
     shards = []
     for rank in (0, 1):
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        cpu = SimpleNamespace(root_device=torch.device("cpu"))
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=cpu)
         shards.append(set(dm.train_dataloader().sampler))
     n = len(dm.rows["train"])
     assert shards[0] | shards[1] == set(range(n)) and len(shards[0] & shards[1]) == n % 2

@@ -80,7 +80,7 @@ def test_packing_without_position_ids_would_leak(tiny_path, tiny_tokenizer):
     batch = collate([convs], pad_id=0)
     isolated = module.token_losses(batch)[0]
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
-    del batch["cu_seq_lens"]
+    del batch["cu_seq_lens"], batch["doc_offsets"]
     assert abs(module.token_losses(batch)[0].item() - isolated.item()) > 1e-3
 
 
