@@ -124,10 +124,10 @@ def run_phi3lit(model_dir: str, steps: int, warmup: int, peak: float, options: d
 
     L.seed_everything(0)
     lora = LoraSpec(r=16, alpha=32, dropout=options.pop("dropout", 0.05))
-    workers = options.pop("num_workers", 0)
+    data_options = {k: options.pop(k) for k in ("num_workers", "train_on") if k in options}
     module = Phi3LoRA(pretrained=model_dir, lora=lora, max_length=LENGTH, **options)
     dm = ChatDataModule(data_path(), val_fraction=0.0, tokenizer=model_dir, max_length=LENGTH, batch_size=ROWS,
-                        num_workers=workers)  # fmt: skip
+                        **data_options)  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", precision="32-true", max_steps=steps + warmup, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Timer()], num_sanity_val_steps=0, limit_val_batches=0)  # fmt: skip
@@ -187,7 +187,8 @@ VARIANTS = [  # one phi3lit default changed at a time: what each switch is worth
     {"compile": True},
     {"dropout": 0.0},  # peft uses nn.Identity: no dropout copy of the input
     {"num_workers": 1},
-    {"ce_chunk": 1024},
+    {"ce_chunk": 0},  # all logits at once through autograd, instead of the fused chunked loss
+    {"train_on": "all"},  # loss on every token, as TRL computes it for a messages dataset
 ]
 
 
@@ -206,8 +207,10 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def plan(only: str | None, variants: bool) -> list[tuple[str, str, dict, str, dict]]:
+def plan(only: str | None, variants: bool, options: dict) -> list[tuple[str, str, dict, str, dict]]:
     """(table, environment, extra env, child, phi3lit options) for every process to run."""
+    if options:  # one switched option against the defaults
+        return [("phi3lit options", USERS, {}, "phi3lit", o) for o in ({}, options)]
     runs = []
     for env_name, env in ((USERS, {}), (KEPT, ALLOCATOR)):
         if only != "trl":
@@ -228,29 +231,44 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--only", choices=["phi3lit", "trl"], help="run one framework")
     parser.add_argument("--variants", action="store_true", help="also phi3lit with each option switched")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; the median is reported")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for results.json / results.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help="JSON of one phi3lit option to compare with its default")
     args = parser.parse_args()
     if args.child:
         return child(args)
     model_dir = build_model(Path(os.environ.get("PHI3LIT_CACHE", Path.home() / ".cache" / "phi3lit")) / "bench-phi3")
+    runs = plan(args.only, args.variants, json.loads(args.options))
+    measured: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
+    for _ in range(args.repeat):  # repeats interleave (A B C A B C), so slow drifts of the machine hit all alike
+        for i, (_table, env_name, env, who, options) in enumerate(runs):
+            cmd = [sys.executable, __file__, "--child", who, "--model", str(model_dir), "--options",
+                   json.dumps(options), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+            proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(f"{who} {options} ({env_name}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            result = json.loads(line[-1][len("RESULT ") :])
+            print(json.dumps(result | {"environment": env_name, "options": options}), flush=True)
+            measured[i].append(result)
     results = []
-    for table, env_name, env, who, options in plan(args.only, args.variants):
-        cmd = [sys.executable, __file__, "--child", who, "--model", str(model_dir), "--options", json.dumps(options),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-        proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(f"{who} {options} ({env_name}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        result = json.loads(line[-1][len("RESULT ") :]) | {"environment": env_name, "table": table}
-        if options:
-            result["framework"] += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
-        print(json.dumps(result), flush=True)
-        results.append(result)
+    for i, (table, env_name, _env, _who, options) in enumerate(runs):
+        if measured[i]:
+            result = median_of(measured[i]) | {"environment": env_name, "table": table}
+            if options:
+                result["framework"] += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
+            results.append(result)
     write(results, Path(args.out), args)
+
+
+def median_of(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (its RSS and MFU come with it), plus the spread over all runs."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_sec"])
+    spread = [r["tokens_per_sec"] for r in runs]
+    return ranked[(len(ranked) - 1) // 2] | {"runs": len(runs), "tokens_per_sec_all": spread}
 
 
 def write(results: list[dict], out: Path, args) -> None:
@@ -258,6 +276,8 @@ def write(results: list[dict], out: Path, args) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     flags = f" --only {args.only}" if args.only else ""
     flags += " --variants" if args.variants else ""
+    flags += f" --repeat {args.repeat}" if args.repeat > 1 else ""
+    flags += f" --options '{args.options}'" if args.options != "{}" else ""
     lines = [
         f"`python experiments/bench/run.py --steps {args.steps} --warmup {args.warmup}{flags}`, "
         f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, torch threads default",
@@ -265,23 +285,29 @@ def write(results: list[dict], out: Path, args) -> None:
     for table in dict.fromkeys(r["table"] for r in results):
         lines += [
             "", f"**{table}**", "",
-            "| environment | framework | real tokens/s | peak RSS (GB) | MFU | matmul peak (GFLOP/s) |",
+            "| environment | framework | real tokens/s (min-max) | peak RSS (GB) | MFU | matmul peak (GFLOP/s) |",
             "|---|---|---:|---:|---:|---:|",
         ]  # fmt: skip
         for r in results:
             if r["table"] == table:
+                spread = r["tokens_per_sec_all"]
                 lines.append(
-                    f"| {r['environment']} | {r['framework']} | {r['tokens_per_sec']:.0f} | "
-                    f"{r['peak_rss_gb']:.2f} | {r['mfu']:.1%} | {r['matmul_peak_gflops']:.0f} |"
+                    f"| {r['environment']} | {r['framework']} | {r['tokens_per_sec']:.0f} "
+                    f"({min(spread):.0f}-{max(spread):.0f}) | {r['peak_rss_gb']:.2f} | {r['mfu']:.1%} | "
+                    f"{r['matmul_peak_gflops']:.0f} |"
                 )
     ours = {r["environment"]: r for r in results if r["framework"] == "phi3lit"}
     lines.append("")
     for r in results:
-        if r["framework"] != "phi3lit" and r["environment"] in ours:
-            mine = ours[r["environment"]]
-            speed = mine["tokens_per_sec"] / r["tokens_per_sec"]
-            memory = mine["peak_rss_gb"] / r["peak_rss_gb"]
+        if r["framework"] == "phi3lit" or r["environment"] not in ours:
+            continue
+        mine = ours[r["environment"]]
+        if r["table"] == "side by side":  # the other framework against phi3lit
+            speed, memory = mine["tokens_per_sec"] / r["tokens_per_sec"], mine["peak_rss_gb"] / r["peak_rss_gb"]
             lines.append(f"- phi3lit / {r['framework']} ({r['environment']}): {speed:.2f}x tokens/s, {memory:.2f}x RSS")
+        else:  # a switched option against phi3lit's default
+            speed, memory = r["tokens_per_sec"] / mine["tokens_per_sec"], r["peak_rss_gb"] / mine["peak_rss_gb"]
+            lines.append(f"- {r['framework']} / phi3lit defaults: {speed:.2f}x tokens/s, {memory:.2f}x RSS")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

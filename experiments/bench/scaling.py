@@ -74,7 +74,7 @@ def measure(model_dir: str, seq_len: int, rank: int, steps: int, warmup: int, al
     return {
         "seq_len": seq_len, "rank": rank, "rows_per_step": rows, "tokens_per_sec": result["tokens_per_sec"],
         "peak_rss_gb": result["peak_rss_gb"], "timed_steps": result["timed_steps"],
-        "docs_per_row": docs["starts"] / max(1, docs["rows"]),
+        "docs_per_row": docs["starts"] / max(1, docs["rows"]), "attn": module.hparams.attn_implementation,
     }  # fmt: skip
 
 
@@ -87,6 +87,8 @@ def main() -> int:
     parser.add_argument("--allocator", choices=["keep", "system"], default="keep", help="as the CLI's --allocator")
     parser.add_argument("--attn", help="model.attn_implementation (default: phi3lit's), e.g. sdpa for the dense mask")
     parser.add_argument("--out", default=str(HERE), help="folder for scaling.json / .md / .png")
+    parser.add_argument("--reference", help="a scaling.json of another run (e.g. --attn sdpa) to draw dashed")
+    parser.add_argument("--replot", action="store_true", help="only redraw scaling.png from --out/scaling.json")
     parser.add_argument("--point", help=argparse.SUPPRESS)  # child mode: "seq_len,rank"
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -94,6 +96,9 @@ def main() -> int:
         parser.error("--warmup must be at least 1")
     if any(n <= 0 or TOKENS_PER_STEP % n for n in args.lengths):  # else steps would not hold the same tokens
         parser.error(f"--lengths must divide {TOKENS_PER_STEP}")
+    if args.replot:
+        plot(json.loads((Path(args.out) / "scaling.json").read_text()), Path(args.out) / "scaling.png", args.reference)
+        return 0
     if args.point:
         seq_len, rank = map(int, args.point.split(","))
         result = measure(args.model, seq_len, rank, args.steps, args.warmup, args.allocator, args.attn)
@@ -139,10 +144,10 @@ def write(results: list[dict], out: Path, args) -> None:
         lines.append("")
     (out / "scaling.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    plot(results, out / "scaling.png")
+    plot(results, out / "scaling.png", args.reference)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, reference: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a bench machine
@@ -155,7 +160,15 @@ def plot(results: list[dict], path: Path) -> None:
         xs = [r[sweep] for r in rows]
         for row, (key, ylabel) in enumerate((("tokens_per_sec", "real tokens/s"), ("peak_rss_gb", "peak RSS (GB)"))):
             ax = axes[row][col]
-            ax.plot(xs, [r[key] for r in rows], marker="o")
+            name = rows[0].get("attn", "phi3lit default") if rows else ""
+            ax.plot(xs, [r[key] for r in rows], marker="o", label=f"attention: {name}")
+            if reference:  # e.g. the same sweep with transformers' dense block mask
+                ref = sorted((r for r in json.loads(Path(reference).read_text()) if r["sweep"] == sweep),
+                             key=lambda r: r[sweep])  # fmt: skip
+                if ref:
+                    name = ref[0].get("attn", Path(reference).parent.name)
+                    ax.plot([r[sweep] for r in ref], [r[key] for r in ref], "s--", label=f"attention: {name}")
+                    ax.legend(fontsize=8)
             ax.set_xscale("log", base=2)
             if xs:  # label the measured points, not powers of two matplotlib picks
                 ax.set_xticks(xs, [str(x) for x in xs])
