@@ -535,7 +535,9 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
     it is its own block in the block-causal mask and never attended to by real tokens. `cu_seq_lens` holds
     the same blocks as cumulative offsets over the flattened rows (int32, what varlen attention kernels take),
     `doc_offsets` the same as a list (for `phi3lit.attention`; a list stays on the host when Lightning moves
-    the batch to a GPU, so reading it never waits for the device) and `max_seq_len` the longest block. Two
+    the batch to a GPU, so reading it never waits for the device) and `max_seq_len` the longest block.
+    `loss_index` lists the flat positions whose next token is trained, so the model picks them with
+    `index_select` instead of a boolean mask (whose size a GPU would have to report to the host). Two
     bookkeeping fields ride along, never given to the model: `real_tokens` (non-padding tokens, for
     throughput) and `sources` (where each conversation came from, for error messages).
     """
@@ -558,6 +560,7 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
         if width > t:
             blocks.append(width - t)
     offsets = [0, *itertools.accumulate(blocks)]
+    row_of, col = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # position t predicts token t + 1
     real = sum(len(c["input_ids"]) for row in rows for c in row)
     sources = [c["source"] for row in rows for c in row if "source" in c]
     return {
@@ -566,6 +569,7 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
         "position_ids": position_ids,
         "cu_seq_lens": torch.tensor(offsets, dtype=torch.int32),
         "doc_offsets": offsets,  # the same, as a list: it stays on the host when the batch moves to a GPU
+        "loss_index": row_of * width + col,  # flat positions with a trained next token, found here, not on a GPU
         "max_seq_len": max(blocks),
         "real_tokens": real,
         "sources": sources,

@@ -224,12 +224,15 @@ class Phi3LoRA(L.LightningModule):
             use_cache=False,  # with a cache, transformers ignores position_ids for the packed mask
             **self._document_kwargs(batch),
         ).last_hidden_state
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE_INDEX
+        index = batch.get("loss_index")
+        if index is None:  # a batch not made by collate: find the trained positions here
+            rows, cols = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+            index = rows * batch["labels"].shape[1] + cols
+        targets = batch["labels"].flatten().index_select(0, index + 1)  # the next token, in the same row
         loss_sum, correct = chunked_cross_entropy(
-            hidden[:, :-1][keep], causal_lm.lm_head, targets[keep], self.hparams.ce_chunk
+            hidden.flatten(0, 1).index_select(0, index), causal_lm.lm_head, targets, self.hparams.ce_chunk
         )
-        return loss_sum, keep.sum(), correct
+        return loss_sum, torch.full((), index.numel(), device=targets.device), correct
 
     def _document_kwargs(self, batch: dict) -> dict:
         """Where each packed conversation starts, for kernels that skip the dense mask (none: they use it)."""

@@ -39,10 +39,13 @@ def test_collate_positions_restart_and_padding_is_masked_by_position():
     b = {"input_ids": [8, 9], "labels": [IGNORE_INDEX, 9]}
     c = {"input_ids": [4], "labels": [IGNORE_INDEX]}
     batch = collate([[a, b], [c]], pad_id=0, multiple_of=8)
-    assert {k for k, v in batch.items() if torch.is_tensor(v)} == {"input_ids", "labels", "position_ids", "cu_seq_lens"}
+    tensors = {"input_ids", "labels", "position_ids", "cu_seq_lens", "loss_index"}
+    assert {k for k, v in batch.items() if torch.is_tensor(v)} == tensors
     assert batch["real_tokens"] == 6
     # The same blocks as offsets over the flattened rows: [a, b, pad | c, pad].
     assert batch["cu_seq_lens"].tolist() == batch["doc_offsets"] == [0, 3, 5, 8, 9, 16] and batch["max_seq_len"] == 7
+    # Positions 0, 1 and 3 of the first row predict trained tokens (6, 7, 9); none in the second row.
+    assert batch["loss_index"].tolist() == [0, 1, 3]
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [4, 0, 0, 0, 0, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 0, 1, 2, 3, 4, 5, 6]]
     assert batch["labels"].tolist()[0] == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9] + [IGNORE_INDEX] * 3

@@ -73,6 +73,17 @@ def test_packed_loss_equals_separate_losses(tiny_path, tiny_tokenizer, attn):
     assert abs(separate.item() - packed.item()) < 1e-5
 
 
+def test_loss_index_from_collate_equals_the_boolean_mask(tiny_path, tiny_tokenizer):
+    convs = [tokenize_chat(c, tiny_tokenizer) for c in CONVS]
+    batch = collate([convs[:2], convs[2:]], pad_id=0)
+    module = make_module(tiny_path)
+    with_index = module.token_losses(batch)
+    without = module.token_losses({k: v for k, v in batch.items() if k != "loss_index"})
+    labels = batch["labels"][:, 1:]
+    assert with_index[1].item() == without[1].item() == (labels != -100).sum().item()
+    assert torch.equal(with_index[0], without[0]) and with_index[2].item() == without[2].item()
+
+
 def test_packing_without_position_ids_would_leak(tiny_path, tiny_tokenizer):
     # The isolation test can fail: with plain causal positions (and no document offsets) the packed loss changes.
     module = make_module(tiny_path)
