@@ -528,6 +528,12 @@ def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return rows
 
 
+def loss_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions (row * T + t) of a (rows, T) batch whose next token, t + 1 in the same row, is trained."""
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols
+
+
 def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, multiple_of: int = 8) -> dict:
     """Rows of packed conversations -> `input_ids`, `labels`, `position_ids` (B, T) tensors.
 
@@ -560,7 +566,6 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
         if width > t:
             blocks.append(width - t)
     offsets = [0, *itertools.accumulate(blocks)]
-    row_of, col = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # position t predicts token t + 1
     real = sum(len(c["input_ids"]) for row in rows for c in row)
     sources = [c["source"] for row in rows for c in row if "source" in c]
     return {
@@ -569,7 +574,7 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
         "position_ids": position_ids,
         "cu_seq_lens": torch.tensor(offsets, dtype=torch.int32),
         "doc_offsets": offsets,  # the same, as a list: it stays on the host when the batch moves to a GPU
-        "loss_index": row_of * width + col,  # flat positions with a trained next token, found here, not on a GPU
+        "loss_index": loss_index(labels),  # found here, on the host, not on a GPU
         "max_seq_len": max(blocks),
         "real_tokens": real,
         "sources": sources,

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from phi3lit import attention  # noqa: F401 (registers the sdpa_docs attention with transformers)
-from phi3lit.data import IGNORE_INDEX
+from phi3lit.data import loss_index
 from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, NonFiniteError, missing_model
 from phi3lit.generate import generate_ids
 from phi3lit.lora import LoraSpec, apply_lora, effective_trainable, trainable_by_module
@@ -226,8 +226,7 @@ class Phi3LoRA(L.LightningModule):
         ).last_hidden_state
         index = batch.get("loss_index")
         if index is None:  # a batch not made by collate: find the trained positions here
-            rows, cols = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-            index = rows * batch["labels"].shape[1] + cols
+            index = loss_index(batch["labels"])
         targets = batch["labels"].flatten().index_select(0, index + 1)  # the next token, in the same row
         loss_sum, correct = chunked_cross_entropy(
             hidden.flatten(0, 1).index_select(0, index), causal_lm.lm_head, targets, self.hparams.ce_chunk
