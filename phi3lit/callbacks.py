@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.checkpoint import AtomicCheckpointIO
@@ -182,7 +183,9 @@ class TrainMonitor(L.Callback):
         self._val_start = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.training:  # validation inside fit: not training time
+        # Validation inside fit is not training time. (`trainer.training` is False here, inside the validation
+        # loop, so it cannot tell; the entry point can.)
+        if trainer.state.fn == TrainerFn.FITTING:
             self.paused += time.perf_counter() - self._val_start
 
     def on_fit_end(self, trainer, pl_module) -> None:

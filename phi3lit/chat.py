@@ -7,11 +7,11 @@ history, `/system <text>` sets the system prompt (and resets), `/quit` or end of
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
+from phi3lit.errors import ConfigError, missing_model
 from phi3lit.generate import generate_ids, left_pad
+from phi3lit.lora import read_adapter_config
 from phi3lit.tiny import resolve_pretrained
 
 
@@ -20,15 +20,22 @@ def load(adapter: str | None, model: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if bool(adapter) == bool(model):
-        raise SystemExit("phi3lit chat: give exactly one of --adapter DIR or --model DIR")
+        raise ConfigError("chat: give exactly one of --adapter DIR or --model DIR")
     if adapter:
         from peft import PeftModel
 
-        base_name = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(resolve_pretrained(base_name))
-        return PeftModel.from_pretrained(base, adapter).eval(), AutoTokenizer.from_pretrained(adapter)
+        base = AutoModelForCausalLM.from_pretrained(
+            resolve_pretrained(read_adapter_config(adapter, "--adapter")["base_model_name_or_path"])
+        )
+        try:
+            return PeftModel.from_pretrained(base, adapter).eval(), AutoTokenizer.from_pretrained(adapter)
+        except Exception as e:  # a truncated or foreign adapter_model.safetensors
+            raise ConfigError(f"--adapter {adapter}: cannot load the adapter ({type(e).__name__}: {e})") from None
     path = resolve_pretrained(model)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise missing_model(model, e) from None
 
 
 def chat(

@@ -124,7 +124,20 @@ def check_devices(config) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
+    """Every subcommand runs under one handler: the user's input or environment gives one line, no traceback."""
     argv = sys.argv[1:] if args is None else list(args)
+    try:
+        _dispatch(argv, args is None)
+    except Exception as e:  # the user's input or environment, not a bug: a message, no traceback
+        known = _explained(e)
+        if known is None:
+            raise
+        kind = "data" if isinstance(known, DataError) else known.kind
+        print(f"phi3lit: {kind} error: {known}", file=sys.stderr)
+        sys.exit(getattr(known, "exit_code", 2))
+
+
+def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
     if argv and argv[0] == "export":
         from jsonargparse import CLI
 
@@ -161,23 +174,15 @@ def main(args: list[str] | None = None) -> None:
         cli = Phi3LitCLI(Phi3LoRA, ChatDataModule, run=False, auto_configure_optimizers=False, args=argv[1:])
         print(plan_from_cli(cli))
         return
-    try:
-        Phi3LitCLI(
-            Phi3LoRA,
-            ChatDataModule,
-            seed_everything_default=0,
-            auto_configure_optimizers=False,  # AdamW + warmup/cosine are the module's own arguments
-            save_config_callback=RunConfig,
-            save_config_kwargs={"overwrite": True},
-            args=None if args is None else argv,
-        )
-    except Exception as e:  # the user's input or environment, not a bug: a message, no traceback
-        known = _explained(e)
-        if known is None:
-            raise
-        kind = "data" if isinstance(known, DataError) else known.kind
-        print(f"phi3lit: {kind} error: {known}", file=sys.stderr)
-        sys.exit(getattr(known, "exit_code", 2))
+    Phi3LitCLI(
+        Phi3LoRA,
+        ChatDataModule,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,  # AdamW + warmup/cosine are the module's own arguments
+        save_config_callback=RunConfig,
+        save_config_kwargs={"overwrite": True},
+        args=None if from_sys_argv else argv,
+    )
 
 
 def _explained(e: BaseException | None) -> BaseException | None:

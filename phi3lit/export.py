@@ -24,6 +24,8 @@ from typing import Literal
 
 import torch
 
+from phi3lit.checkpoint import read_checkpoint
+from phi3lit.errors import ConfigError
 from phi3lit.lora import FUSED, resolve_targets, slice_rows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,11 +51,12 @@ def export(
     from phi3lit.model import Phi3LoRA
 
     path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt {ckpt}: no such checkpoint file")
+    read_checkpoint(path)  # a missing or damaged file is explained here, naming it
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out}: is a file; give a folder (it is created if missing)")
     # A QLoRA run merges onto the unquantized base, as users expect: the 4-bit base is only a training device.
     module = Phi3LoRA.load_from_checkpoint(path, map_location="cpu", quantization=None)
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model = module.model
     if merge:

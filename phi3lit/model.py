@@ -8,7 +8,8 @@ per-batch means" weights tokens unevenly. phi3lit instead makes every optimizer 
 which is what one big batch would give. `training_step` returns the *summed* token loss of its
 micro-batch; Lightning divides it by `accumulate_grad_batches` and DDP averages over ranks, so in
 `on_before_optimizer_step` (after the last backward, before clipping) the gradients are multiplied by
-`accumulate_grad_batches * world_size / trained_tokens_of_step`. The token count is all-reduced once
+`accumulate_grad_batches * world_size / trained_tokens_of_step` (times `max_length`: the summed loss is
+backpropagated in units of one full row, which keeps fp16 loss scaling in range). The token count is all-reduced once
 per optimizer step, not per micro-batch.
 
 The module never moves tensors between devices or casts for precision: the Trainer owns both.
@@ -25,6 +26,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
@@ -32,7 +34,16 @@ from phi3lit import attention  # noqa: F401 (registers the sdpa_docs attention w
 from phi3lit.data import loss_index
 from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, NonFiniteError, missing_model
 from phi3lit.generate import generate_ids
-from phi3lit.lora import LoraSpec, apply_lora, effective_trainable, trainable_by_module
+from phi3lit.lora import (
+    LoraSpec,
+    apply_lora,
+    check_adapter_matches,
+    effective_trainable,
+    install_slice_masks,
+    logical_numel,
+    read_adapter_config,
+    trainable_by_module,
+)
 from phi3lit.loss import chunked_cross_entropy
 from phi3lit.tiny import resolve_pretrained
 
@@ -43,7 +54,8 @@ def quantization_config(kind: str | None):
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
         raise EnvironmentProblem(
-            f"model.quantization={kind} needs bitsandbytes: pip install 'phi3lit[qlora]' (CUDA GPU required)"
+            f"model.quantization={kind} needs bitsandbytes: pip install 'phi3lit[qlora]' "
+            "(fast on CUDA GPUs; recent versions also run 4-bit on CPU)"
         )
     from transformers import BitsAndBytesConfig
 
@@ -183,9 +195,19 @@ class Phi3LoRA(L.LightningModule):
         if hp.adapter:
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(base, hp.adapter, is_trainable=True)
+            read_adapter_config(hp.adapter, "model.adapter")  # a missing or partial folder is named, not a traceback
+            try:
+                self.model = PeftModel.from_pretrained(base, hp.adapter, is_trainable=True)
+            except Exception as e:  # a truncated or foreign adapter_model.safetensors
+                raise ConfigError(f"model.adapter={hp.adapter}: cannot load it ({type(e).__name__}: {e})") from None
+            check_adapter_matches(self.model.peft_config["default"], self.lora, hp.adapter)
+            install_slice_masks(self.model, self.lora, base.config)  # the zero blocks must stay zero here too
         else:
             self.model = apply_lora(base, self.lora)
+        # from_pretrained returns the model in eval mode and Lightning keeps the modes it finds (the eval and
+        # predict loops switch and restore them), so set train mode here: transformers checkpoints a layer only
+        # when `self.training`, and LoRA dropout is active only then.
+        self.model.train()
         if hp.compile:
             for layer in base.model.layers:  # the layers share code, so they share the compiled graphs
                 layer.compile(dynamic=True)  # row widths vary by batch: one graph for all of them
@@ -193,7 +215,7 @@ class Phi3LoRA(L.LightningModule):
 
     def param_counts(self) -> tuple[int, int]:
         """(effective trainable parameters, all parameters); off-slice zero blocks are not trainable."""
-        return effective_trainable(self.model), sum(p.numel() for p in self.model.parameters())
+        return effective_trainable(self.model), sum(logical_numel(p) for p in self.model.parameters())
 
     def on_fit_start(self) -> None:
         if self.hparams.lora_fp32:
@@ -262,34 +284,69 @@ class Phi3LoRA(L.LightningModule):
         self._step_sources += batch.get("sources", [])
         self._step_loss += loss_sum.detach()
         self._step_tokens += n
-        return loss_sum
+        # Backpropagate the sum in units of one full row, so gradients have the size of a mean loss's: under fp16
+        # GradScaler a sum over thousands of tokens would overflow for many steps before the scale came down.
+        # Any constant is undone exactly in on_before_optimizer_step.
+        return loss_sum / self.hparams.max_length
 
     @property
     def _deepspeed(self) -> bool:
-        return type(self.trainer.strategy).__name__ == "DeepSpeedStrategy"
+        return isinstance(self.trainer.strategy, DeepSpeedStrategy)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._deepspeed:
             return
         strategy = self.trainer.strategy
+        # fp16 AMP (16-mixed): Lightning leaves unscaling to a fused optimizer's step, so the gradients here are
+        # still multiplied by the loss scale. Unscale now, so the norm, clipping and the guard see the true ones;
+        # GradScaler's step then passes `found_inf` from this unscale to fused AdamW and skips overflowed steps.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         tokens = strategy.reduce(self._step_tokens.float(), reduce_op="sum").clamp_min(1)
         loss = strategy.reduce(self._step_loss, reduce_op="sum") / tokens
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size * self.hparams.max_length / tokens
         for p in self.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale.to(p.grad.dtype))
         self._step_loss = self._step_tokens = None
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)  # before clipping
+        if isinstance(strategy, FSDPStrategy):  # each rank holds a shard of every gradient: combine the squares
+            norm = strategy.reduce(norm.float() ** 2, reduce_op="sum").sqrt()
+        self._grad_norm = norm  # clipping (configure_gradient_clipping) uses it, so the norm is taken once
         # No host sync: fused AdamW leaves weights and state untouched where `found_inf` is 1 (as under
         # GradScaler), so a NaN/inf step is skipped on the device; the flags are read with the logged metrics.
         # Summed over ranks, so that where gradients are sharded (FSDP) every rank skips the same steps.
-        bad = strategy.reduce((~torch.isfinite(loss + norm)).float(), reduce_op="sum") > 0
-        optimizer.found_inf = bad.float()
+        # Under GradScaler an overflowed gradient is routine (the scaler skips the step and lowers the scale),
+        # so only a non-finite loss counts as a bad step there.
+        checked = loss if scaler is not None else loss + norm
+        bad = strategy.reduce((~torch.isfinite(checked)).float(), reduce_op="sum") > 0
+        if scaler is None:  # GradScaler.step sets found_inf itself
+            optimizer.found_inf = bad.float()
         self._unchecked.append((self.trainer.global_step, bad, loss, norm, self._step_sources))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         self.log("train/grad_norm", norm)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """`trainer.gradient_clip_val` applied here, on the token-normalised, unscaled gradients.
+
+        Lightning's AMP plugin refuses to clip for an optimizer that unscales inside its step (fused AdamW), under
+        bf16-mixed as well as 16-mixed; here the gradients are already unscaled (on_before_optimizer_step), so
+        clipping is plain arithmetic, with the norm taken there (global under FSDP).
+        """
+        if self._deepspeed:  # DeepSpeed clips inside its engine (Lightning passes gradient_clip_val to it)
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not gradient_clip_val:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # Every log_every_n_steps optimizer steps (when Lightning reads the logged tensors anyway) and at the end.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from phi3lit.errors import missing_model
 from phi3lit.lora import LoraSpec, apply_lora, effective_trainable, trainable_by_module
 from phi3lit.tiny import resolve_pretrained
 
@@ -42,7 +43,10 @@ def load_config(pretrained: str):
 
     if pretrained in KNOWN:
         return Phi3Config(**KNOWN[pretrained])
-    return AutoConfig.from_pretrained(resolve_pretrained(pretrained))
+    try:
+        return AutoConfig.from_pretrained(resolve_pretrained(pretrained))
+    except OSError as e:
+        raise missing_model(pretrained, e) from None
 
 
 def saved_bytes(model, input_ids: torch.Tensor) -> int:

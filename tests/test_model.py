@@ -99,8 +99,7 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_path, tiny_tokenizer):
     batch = collate([[tokenize_chat(c, tiny_tokenizer) for c in CONVS]], pad_id=0)
     grads = []
     for gc in (False, True):
-        module = make_module(tiny_path, gradient_checkpointing=gc)
-        module.train()
+        module = make_module(tiny_path, gradient_checkpointing=gc)  # configure_model leaves it in train mode
         module.token_losses(batch)[0].backward()
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
@@ -122,7 +121,6 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tiny_path, tiny_tokeni
     results = []
     for compiled in (False, True):
         module = make_module(tiny_path, compile=compiled)
-        module.train()
         loss, n, _ = module.token_losses(batch)
         loss.backward()
         results.append((loss.item(), {k: p.grad.clone() for k, p in module.named_parameters() if p.requires_grad}))
