@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -203,6 +207,11 @@ class TrainMonitor(L.Callback):
             plot_curves(trainer)
 
 
+def tensorboard_logger(trainer) -> TensorBoardLogger | None:
+    """The run's TensorBoard logger, wherever it stands in a list of loggers (CSV, W&B, MLflow, ...)."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
 def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -218,7 +227,8 @@ def plot_curves(trainer) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    log_dir = getattr(trainer.logger, "log_dir", None)
+    tensorboard = tensorboard_logger(trainer)
+    log_dir = tensorboard.log_dir if tensorboard else None
     if log_dir is None or not Path(log_dir).is_dir():
         return None
     scalars = read_scalars(log_dir)
@@ -236,9 +246,7 @@ def plot_curves(trainer) -> Path | None:
     fig.tight_layout()
     out = Path(trainer.default_root_dir) / "curves.png"
     fig.savefig(out, dpi=100)
-    experiment = getattr(trainer.logger, "experiment", None)
-    if hasattr(experiment, "add_figure"):
-        experiment.add_figure("curves", fig, global_step=trainer.global_step)
+    tensorboard.experiment.add_figure("curves", fig, global_step=trainer.global_step)
     plt.close(fig)
     return out
 
@@ -284,9 +292,9 @@ class SampleReplies(L.Callback):
         for conv, reply in zip(self.conversations, replies, strict=True):
             cell = lambda t: t.replace("|", "\\|").replace("\n", "<br>")
             rows.append(f"| {cell(conv[-1]['content'])} | {cell(reply)} |")
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_text"):
-            experiment.add_text("samples", "\n".join(rows), global_step=trainer.global_step)
+        tensorboard = tensorboard_logger(trainer)
+        if tensorboard is not None:
+            tensorboard.experiment.add_text("samples", "\n".join(rows), global_step=trainer.global_step)
 
 
 # ---------------------------------------------------------------------------- reliability
@@ -295,11 +303,13 @@ class RunGuard(L.Callback):
         """
         Args:
             min_free_mb: `fit` refuses to start when the run folder's disk has less free space than this.
-            signals: signals that mean "save and stop" (cluster preemption); default SIGTERM and SIGUSR1.
+            signals: signals that mean "save and stop": Ctrl-C (SIGINT) and cluster preemption (SIGTERM, SIGUSR1)
+                by default. A second Ctrl-C while the save is pending stops at once, as Ctrl-C usually does.
         """
         self.min_free_mb = min_free_mb
-        self.signals = signals if signals is not None else ["SIGTERM", "SIGUSR1"]
+        self.signals = signals if signals is not None else ["SIGINT", "SIGTERM", "SIGUSR1"]
         self.preempted = False
+        self.saved_step: int | None = None  # global step of the newest checkpoint this run wrote
         self._received: str | None = None
         self._previous: dict = {}
 
@@ -314,25 +324,136 @@ class RunGuard(L.Callback):
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
+        if self._received == "SIGINT" and signum == signal.SIGINT:  # impatient second Ctrl-C: stop now
+            raise KeyboardInterrupt
         self._received = signal.Signals(signum).name  # act at the next step boundary, not mid-step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._received is None or trainer.fit_loop._should_accumulate():
             return
-        path = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
-        trainer.save_checkpoint(path / "last.ckpt")
+        last = self._save_last(trainer)
         rank_zero_info(
-            f"[phi3lit] {self._received}: saved {path / 'last.ckpt'} at step {trainer.global_step}; stopping. "
-            "Resume with --ckpt_path last"
+            f"[phi3lit] {self._received}: saved {last} at step {trainer.global_step}; stopping. "
+            f"Resume with:\n  {resume_command()}"
         )
         self.preempted = True
         trainer.should_stop = True
         self._received = None
 
+    def _save_last(self, trainer) -> Path:
+        folder = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir
+        path = Path(folder) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        return path
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.saved_step = checkpoint["global_step"]
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # max_steps need not be a multiple of checkpoint.every_n_train_steps: without this, last.ckpt would be
+        # older than the adapter, and export/predict from it would silently use older weights.
+        if not self.preempted and self.saved_step != trainer.global_step and trainer.checkpoint_callback:
+            self._save_last(trainer)
+
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def resume_command() -> str:
+    """The command line that continues this run: the same arguments, with `--ckpt_path last`."""
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--ckpt_path":
+            skip = True
+        elif not a.startswith("--ckpt_path="):
+            args.append(a)
+    return shlex.join(["python", "-m", "phi3lit", *args, "--ckpt_path", "last"])
+
+
+# ---------------------------------------------------------------------------- plain progress
+class ProgressLog(L.Callback):
+    def __init__(self, lines: Literal["auto", "always", "never"] = "auto"):
+        """
+        Args:
+            lines: a plain progress line every `trainer.log_every_n_steps` optimizer steps (step/max_steps, loss,
+                val loss, lr, tokens/s, ETA), for logs that are files (SLURM, nohup). `auto`: when stdout is not
+                a terminal, or the progress bar is off. The end-of-fit summary is printed in every mode.
+        """
+        self.lines = lines
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        tty = sys.stdout.isatty() and trainer.progress_bar_callback is not None
+        self.enabled = self.lines == "always" or (self.lines == "auto" and not tty)
+        self.start, self.start_step, self.printed = time.perf_counter(), trainer.global_step, trainer.global_step
+        self.paused, self.val_losses = 0.0, []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        self.paused += time.perf_counter() - self._val_start
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.val_losses.append((trainer.global_step, float(loss)))
+
+    def total_steps(self, trainer) -> int:
+        return trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, total = trainer.global_step, self.total_steps(trainer)
+        if not self.enabled or step == self.printed or (step % trainer.log_every_n_steps and step != total):
+            return
+        self.printed = step
+        if not trainer.is_global_zero:
+            return
+        m = trainer.callback_metrics
+        elapsed = time.perf_counter() - self.start - self.paused
+        eta = elapsed / max(1, step - self.start_step) * max(0, total - step)
+        parts = [f"step {step}/{total}"]
+        for key, label, fmt in (
+            ("train/loss", "loss", ".4f"), ("val/loss", "val", ".4f"), ("train/lr", "lr", ".2e"),
+            ("train/tokens_per_sec", "tok/s", ",.0f"),
+        ):  # fmt: skip
+            if key in m:
+                parts.append(f"{label} {float(m[key]):{fmt}}")
+        parts.append(f"ETA {_duration(eta)}")
+        print("[phi3lit] " + " | ".join(parts), flush=True)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        root = Path(trainer.default_root_dir)
+        stopped = any(getattr(cb, "preempted", False) for cb in trainer.callbacks)
+        lines = [
+            f"[phi3lit] fit {'stopped' if stopped else 'done'}: step {trainer.global_step}/{self.total_steps(trainer)}"
+        ]
+        if self.val_losses:
+            best_step, best = min(self.val_losses, key=lambda x: x[1])
+            lines.append(f"  val loss    best {best:.4f} (step {best_step}), final {self.val_losses[-1][1]:.4f}")
+        lines.append(f"  wall time   {_duration(time.perf_counter() - self.start)}")
+        adapter = next((cb for cb in trainer.callbacks if isinstance(cb, SaveAdapter)), None)
+        tensorboard = tensorboard_logger(trainer)
+        if trainer.checkpoint_callback:
+            lines.append(f"  checkpoints {trainer.checkpoint_callback.dirpath}")
+        if tensorboard is not None:
+            lines.append(f"  logs        tensorboard --logdir {tensorboard.log_dir}")
+        if stopped:
+            lines.append(f"  resume      {resume_command()}")
+        elif adapter is not None:
+            lines.append(f"  adapter     {root / adapter.dirname}")
+            lines.append(f"  next        python -m phi3lit chat --adapter {root / adapter.dirname}")
+        print("\n".join(lines), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def check_writable(root: Path, min_free_mb: int) -> None:

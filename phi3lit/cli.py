@@ -17,9 +17,18 @@ from typing import Literal
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from phi3lit.allocator import keep_freed_memory
-from phi3lit.callbacks import PredictionWriter, RunGuard, SampleReplies, SaveAdapter, TrainMonitor, check_writable
+from phi3lit.callbacks import (
+    PredictionWriter,
+    ProgressLog,
+    RunGuard,
+    SampleReplies,
+    SaveAdapter,
+    TrainMonitor,
+    check_writable,
+)
 from phi3lit.checkpoint import read_checkpoint
 from phi3lit.data import ChatDataModule, DataError
 from phi3lit.errors import EnvironmentProblem, Phi3litError
@@ -50,9 +59,26 @@ class RunConfig(SaveConfigCallback):
             "lora/r": lora.r, "lora/alpha": lora.alpha, "lora/targets": ",".join(lora.targets),
             "lora/trainable_params": trainable, "lora/total_params": total,
         }  # fmt: skip
-        placeholders = {"hp/val_loss": 0.0, "hp/val_ppl": 0.0, "hp/tokens_per_sec": 0.0}  # set at the end of fit
         for logger in trainer.loggers:
-            logger.log_hyperparams(flat, placeholders)
+            if isinstance(logger, TensorBoardLogger):
+                log_hparams_to_tensorboard(logger, flat)
+            else:  # CSV, W&B, MLflow, ...: the parameters; the hp/* results arrive as metrics at the end of fit
+                logger.log_hyperparams(flat)
+
+
+HP_METRICS = ("hp/val_loss", "hp/val_ppl", "hp/tokens_per_sec")  # logged by TrainMonitor at the end of fit
+
+
+def log_hparams_to_tensorboard(logger, params: dict) -> None:
+    """TensorBoard's HPARAMS tab: the parameters and the names of the hp/* metrics, with no values yet.
+
+    Lightning's own `log_hyperparams(params, metrics)` writes the metrics as scalars at step 0, so every hp/*
+    curve would start with a made-up 0; declaring their names is all the HPARAMS tab needs to show them.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    for summary in hparams(params, dict.fromkeys(HP_METRICS, 0.0)):
+        logger.experiment.file_writer.add_summary(summary)
 
 
 class Phi3LitCLI(LightningCLI):
@@ -63,6 +89,7 @@ class Phi3LitCLI(LightningCLI):
         parser.add_lightning_class_args(TrainMonitor, "monitor")
         parser.add_lightning_class_args(SampleReplies, "samples")
         parser.add_lightning_class_args(RunGuard, "guard")
+        parser.add_lightning_class_args(ProgressLog, "progress")
         # One source of truth for values that data and model share.
         parser.link_arguments("model.pretrained", "data.tokenizer")
         parser.link_arguments("data.max_length", "model.max_length")

@@ -5,6 +5,7 @@ Kills and signals are real: subprocesses and os.kill.
 """
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -105,6 +106,37 @@ def test_preemption_signal_saves_and_exits_cleanly(small_data, tmp_path, sig):
     assert 3 <= ckpt["global_step"] < 100000
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # the data position, for an exact resume
     assert not (tmp_path / "adapter").exists()  # an unfinished run exports nothing
+
+
+def test_ctrl_c_saves_prints_the_resume_command_and_it_resumes_exactly(small_data, reference, tmp_path):
+    proc = subprocess.Popen(fit_cmd(small_data, tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert wait_for(lambda: (tmp_path / "checkpoints" / "step=000002.ckpt").exists())
+    os.kill(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, out[-2000:]
+    assert "SIGINT: saved" in out
+    step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 2 <= step < STEPS
+    # The printed command is run as printed (with this interpreter for `python`), and finishes the same run.
+    command = next(line.strip() for line in out.splitlines() if line.strip().startswith("python -m phi3lit fit"))
+    assert command.endswith("--ckpt_path last")
+    resumed = run([sys.executable, *shlex.split(command)[1:]])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_weights(weights(tmp_path), reference)
+
+
+def test_final_step_is_checkpointed_when_not_a_multiple_of_the_interval(small_data, tmp_path):
+    from safetensors.torch import load_file
+
+    proc = run(fit_cmd(small_data, tmp_path, "--checkpoint.every_n_train_steps", "5", "--trainer.max_steps", "7"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 7
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    lora = {k.removeprefix("model.base_model.model."): v for k, v in ckpt["state_dict"].items()}
+    for key, value in adapter.items():  # the adapter and last.ckpt hold the same, final weights
+        match = [v for k, v in lora.items() if k.replace(".default", "") == key.removeprefix("base_model.model.")]
+        assert len(match) == 1 and torch.equal(match[0], value), key
 
 
 def test_killed_write_leaves_the_previous_file(tmp_path):
