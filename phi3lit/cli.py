@@ -18,6 +18,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.allocator import keep_freed_memory
 from phi3lit.callbacks import (
@@ -31,8 +32,9 @@ from phi3lit.callbacks import (
 )
 from phi3lit.checkpoint import read_checkpoint
 from phi3lit.data import ChatDataModule, DataError
-from phi3lit.errors import EnvironmentProblem, Phi3litError
+from phi3lit.errors import CheckpointError, EnvironmentProblem, Phi3litError
 from phi3lit.model import Phi3LoRA
+from phi3lit.resume import explain, flat_config, resume_diff
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -44,11 +46,19 @@ class RunConfig(SaveConfigCallback):
     it with the LoRA facts to TensorBoard's HPARAMS tab, so runs can be sorted and compared there."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        root = Path(trainer.default_root_dir)
+        if stage == "fit" and self.config.get("ckpt_path"):  # a resume: the original config.yaml stays as it was
+            if trainer.is_global_zero:
+                n = 1 + sum(1 for _ in root.glob("config-resume-*.yaml"))
+                self.parser.save(self.config, root / f"config-resume-{n}.yaml", skip_none=False, overwrite=True)
+            return
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero:
-            root = Path(trainer.default_root_dir)
             root.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, root / "config.yaml", skip_none=False, overwrite=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["phi3lit_config"] = flat_config(self.config)  # what a resume is compared against
 
     def on_fit_start(self, trainer, pl_module) -> None:
         scalar = (int, float, str, bool)
@@ -97,12 +107,45 @@ class Phi3LitCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{step:06d}"})
         parser.add_argument(
+            "--accept_changes",
+            type=bool,
+            default=False,
+            help="resume (--ckpt_path) even though settings that cannot take effect, or that change the base "
+            "model or the data mid-run, differ from the checkpoint's (every difference is printed either way)",
+        )
+        parser.add_argument(
             "--allocator",
             type=Literal["keep", "system"],
             default="keep",
             help="keep: glibc keeps freed memory for reuse instead of re-faulting fresh pages every step "
             "(phi3lit.allocator; faster on CPU, RSS stays at its peak); system: malloc's defaults",
         )
+
+    def before_fit(self) -> None:
+        """A resume: `last` means this run folder's checkpoints/last.ckpt, and changed settings are explained."""
+        config = self.config.fit
+        self.datamodule.accept_changes = config.accept_changes  # the data fingerprint check honours it too
+        ckpt_path = config.ckpt_path
+        if not ckpt_path:
+            return
+        if ckpt_path == "last":
+            path = Path(_checkpoint_dir(config.trainer.default_root_dir)) / "last.ckpt"
+            if not path.is_file():
+                raise CheckpointError(f"--ckpt_path last: no {path}; nothing to resume in this run folder")
+            self.config_init.fit.ckpt_path = str(path)  # never another run's last-vN.ckpt
+        elif ckpt_path in ("best", "hpc", "registry") or not Path(ckpt_path).suffix:
+            return
+        saved = read_checkpoint(self.config_init.fit.ckpt_path).get("phi3lit_config")
+        if saved is None:  # written before phi3lit saved its config in checkpoints
+            return
+        diffs = resume_diff(saved, flat_config(config))
+        if not diffs:
+            return
+        message = explain(diffs, config.accept_changes)
+        refused = any(kind == "refused" for *_, kind in diffs)
+        if refused and not config.accept_changes:
+            raise CheckpointError(message.removeprefix("[phi3lit] "))
+        rank_zero_info(message)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would unpickle the checkpoint here to copy its hyper-parameters over the config. In phi3lit
