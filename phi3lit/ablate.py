@@ -13,17 +13,23 @@ Every point runs `python -m phi3lit fit` in its own process (the same path as a 
 folder `<root>/<sweep>/<point name>/`, so TensorBoard shows the whole sweep side by side (HPARAMS included).
 `status.json` in each folder makes the sweep resumable: finished points are skipped, an interrupted point
 resumes from its `last.ckpt`, and a failed point is recorded with its error while the sweep goes on.
-`--list` / `--index I` let a scheduler (e.g. a SLURM array) run one point per job. `summary.csv`, `summary.md`
-and `summary.png` collect the results.
+`--list` / `--index I` let a scheduler (e.g. a SLURM array) run one point per job; `--dry-run` prints each point's
+`python -m phi3lit fit ...` command. `summary.csv`, `summary.md` and `summary.png` collect the results. Exit
+status: 0 when every selected point is done, 1 when one failed (after the others ran and the summary was
+written), 2 for a bad sweep file or option (a one-line ConfigError).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
 import json
 import math
+import os
+import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -31,22 +37,77 @@ from pathlib import Path
 
 import yaml
 
+from phi3lit.errors import ConfigError
+
 SUMMARY_COLUMNS = [
     "trainable_params", "adapter_mb", "best_val_loss", "final_val_loss", "best_val_ppl", "final_val_ppl",
     "val_token_acc", "tokens_per_sec", "peak_memory_gb", "wall_s", "status",
 ]  # fmt: skip
+EXIT_FAILED_POINTS = 1  # some point failed; config errors exit 2 (the CLI's handler), as they do for fit
 
 
 # ---------------------------------------------------------------------------- points
+SWEEP_KEYS = {"base", "grid", "fixed", "seeds", "name", "root"}
+
+
 def load_sweep(path: str | Path) -> dict:
+    """Read and check a sweep file; anything wrong is a one-line ConfigError naming the file."""
     path = Path(path)
-    sweep = yaml.safe_load(path.read_text())
-    if not isinstance(sweep, dict) or "base" not in sweep or not isinstance(sweep.get("grid"), dict):
-        raise SystemExit(f"{path}: a sweep needs `base:` (a config file) and `grid:` (key: [values, ...])")
-    sweep.setdefault("name", path.stem)
-    sweep.setdefault("root", "runs/sweeps")
-    sweep.setdefault("fixed", {})
-    sweep.setdefault("seeds", [None])
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the sweep file ({e.strerror or e})") from None
+    try:
+        sweep = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    need = "a sweep needs `base:` (a config file) and `grid:` (key: [values, ...])"
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"{path}: {need}; the file holds no mapping")
+    unknown = sorted(set(sweep) - SWEEP_KEYS)
+    if unknown:  # a typo such as `seed:` would otherwise be silently ignored
+        known = ", ".join(sorted(SWEEP_KEYS))
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; a sweep has {known}")
+    missing = [k for k in ("base", "grid") if sweep.get(k) is None]
+    if missing:
+        raise ConfigError(f"{path}: no `{'` or `'.join(missing)}:`; {need}")
+    base = Path(str(sweep["base"]))
+    if not base.is_file():  # fit would fail the same way at every point
+        where = "" if base.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+        raise ConfigError(f"{path}: base: {base} does not exist{where}")
+    grid = sweep["grid"]
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"{path}: grid: must map config keys to lists of values, e.g. `model.lora.r: [4, 8]`")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(
+                f"{path}: grid: {key}: must be a non-empty list of values, got {values!r} "
+                "(a single value belongs in `fixed:`; a list value is written [[q, v]])"
+            )
+    shorts = [short(str(k)) for k in grid]
+    clash = sorted({s for s in shorts if shorts.count(s) > 1})
+    if clash:  # point names and summary columns use the last part of the key
+        raise ConfigError(f"{path}: grid: keys ending in the same name ({', '.join(clash)}) cannot be told apart")
+    fixed = sweep.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"{path}: fixed: must map config keys to values, got {fixed!r}")
+    both = sorted(set(fixed) & set(grid))
+    if both:
+        raise ConfigError(f"{path}: {', '.join(both)} in both `grid:` and `fixed:`; keep one")
+    seeds = sweep.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds):
+        raise ConfigError(f"{path}: seeds: must be a non-empty list, e.g. [0, 1], got {seeds!r}")
+    sweep["fixed"] = fixed
+    sweep["seeds"] = seeds or [None]
+    sweep["name"] = str(sweep.get("name") or path.stem)
+    sweep["root"] = str(sweep.get("root") or "runs/sweeps")
+    names = [p["name"] for p in points(sweep)]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:  # two points would share one run folder
+        raise ConfigError(f"{path}: points with the same name (and folder): {', '.join(dup)}")
     return sweep
 
 
@@ -96,6 +157,16 @@ def fit_args(sweep: dict, point: dict, resume: bool) -> list[str]:
     return args
 
 
+def dry_run(sweep: dict, point: dict, index: int) -> str:
+    """`# index name (what a run would do)` and the exact fit command, as a user would type it."""
+    folder = point_dir(sweep, point)
+    state = read_status(folder).get("status", "pending")
+    resume = state != "ok" and (folder / "checkpoints" / "last.ckpt").exists()
+    note = "done, would be skipped" if state == "ok" else "would resume from last.ckpt" if resume else state
+    command = shlex.join(["python", "-m", "phi3lit", *fit_args(sweep, point, resume)])
+    return f"# {index} {point['name']} ({note})\n{command}"
+
+
 # ---------------------------------------------------------------------------- running
 def read_status(folder: Path) -> dict:
     try:
@@ -111,14 +182,16 @@ def write_status(folder: Path, **status) -> None:
     tmp.replace(folder / "status.json")
 
 
-def run_point(sweep: dict, point: dict) -> str:
+def run_point(sweep: dict, point: dict, progress: str = "") -> str:
+    """Run one point unless it is done: "ok", "failed", or "skipped" (finished before)."""
     folder = point_dir(sweep, point)
+    label = f"[ablate] {progress}{' ' if progress else ''}{point['name']}"
     status = read_status(folder)
     if status.get("status") == "ok":
-        print(f"[ablate] {point['name']}: done, skipped", flush=True)
-        return "ok"
+        print(f"{label}: done, skipped", flush=True)
+        return "skipped"
     resume = (folder / "checkpoints" / "last.ckpt").exists()
-    print(f"[ablate] {point['name']}: {'resuming' if resume else 'starting'}", flush=True)
+    print(f"{label}: {'resuming' if resume else 'starting'}", flush=True)
     start = time.time()
     spent = status.get("wall_s", 0.0)
     write_status(folder, status="running", wall_s=spent)
@@ -128,11 +201,22 @@ def run_point(sweep: dict, point: dict) -> str:
     wall = spent + time.time() - start
     if proc.returncode == 0:
         write_status(folder, status="ok", wall_s=wall)
-        return "ok"
-    tail = (folder / "fit.log").read_text().strip().splitlines()[-5:]
-    write_status(folder, status="failed", wall_s=wall, returncode=proc.returncode, error="\n".join(tail))
-    print(f"[ablate] {point['name']}: FAILED (exit {proc.returncode}); see {folder / 'fit.log'}", flush=True)
-    return "failed"
+    else:
+        tail = (folder / "fit.log").read_text().strip().splitlines()[-5:]
+        write_status(folder, status="failed", wall_s=wall, returncode=proc.returncode, error="\n".join(tail))
+    print(result_line(label, summarize_point(sweep, point), proc.returncode, folder), flush=True)  # progress in logs
+    return "ok" if proc.returncode == 0 else "failed"
+
+
+RESULT_KEYS = ["best_val_loss", "final_val_loss", "tokens_per_sec", "wall_s"]
+
+
+def result_line(label: str, row: dict, returncode: int, folder: Path) -> str:
+    """One greppable line per finished point: `<label>: ok  best_val_loss=... final_val_loss=... ...`."""
+    values = " ".join(f"{k}={row.get(k) if row.get(k) != '' else '-'}" for k in RESULT_KEYS)
+    if returncode == 0:
+        return f"{label}: ok  {values}"
+    return f"{label}: FAILED (exit {returncode}; see {folder / 'fit.log'})  {values}"
 
 
 # ---------------------------------------------------------------------------- summary
@@ -156,8 +240,10 @@ def summarize_point(sweep: dict, point: dict) -> dict:
     row["final_val_ppl"] = round(val_ppl[-1], 3) if val_ppl else ""
     acc = values("val/token_acc")
     row["val_token_acc"] = round(acc[-1], 4) if acc else ""
-    tps = values("hp/tokens_per_sec")
-    row["tokens_per_sec"] = round(tps[-1]) if tps and tps[-1] > 0 else ""
+    # Steady state: the first window carries start-up (model load, first-step allocations, compilation).
+    windows = values("train/tokens_per_sec")
+    steady = windows[1:] or windows  # a run with a single logged window has only that one
+    row["tokens_per_sec"] = round(statistics.median(steady)) if steady else ""
     mem = values("train/peak_memory_gb")
     row["peak_memory_gb"] = round(max(mem), 3) if mem else ""
     row["trainable_params"] = trainable_from_log(folder)
@@ -176,6 +262,14 @@ def trainable_from_log(folder: Path):
     return ""
 
 
+COLUMN_NOTES = {  # written under the table in summary.md, so a reader knows what the numbers are
+    "trainable_params": "the effective count fit prints (zero blocks of fused projections excluded)",
+    "tokens_per_sec": "steady-state training throughput: the median of the point's logged `train/tokens_per_sec` "
+    "windows after the first (which carries start-up costs); the only window if there is one",
+    "wall_s": "the point's wall time, resumed attempts included",
+}
+
+
 def summarize(sweep: dict) -> Path:
     pts = points(sweep)
     rows = [summarize_point(sweep, p) for p in pts]
@@ -183,48 +277,81 @@ def summarize(sweep: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     columns = [short(k) for k in sweep["grid"]] + (["seed"] if pts and pts[0]["seed"] is not None else [])
     columns += SUMMARY_COLUMNS
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    replace_file(out / "summary.csv", text.getvalue().encode())
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    plot_summary(sweep, rows, out / "summary.png")
+    lines += [""] + [f"- `{column}`: {note}" for column, note in COLUMN_NOTES.items()]
+    replace_file(out / "summary.md", ("\n".join(lines) + "\n").encode())
+    fig = summary_figure(sweep, rows)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    replace_file(out / "summary.png", png.getvalue())
     print(f"[ablate] summary: {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'summary.png'}", flush=True)
     return out
 
 
-def plot_summary(sweep: dict, rows: list[dict], path: Path) -> None:
-    """Val loss against rank (log-x), one line per other grid value; trainable params against val loss."""
+def replace_file(path: Path, data: bytes) -> None:
+    """Write beside, then rename: array tasks that summarize at the same time never leave a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def summary_figure(sweep: dict, rows: list[dict]):
+    """Final val loss against the first numeric grid key (rank if swept), one line per other grid value; beside
+    it, val loss against trainable parameters when the points differ in that count. Rows as summarize_point
+    makes them or as read back from summary.csv (strings)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [short(k) for k in sweep["grid"]]
-    x_key = "r" if "r" in keys else keys[0]
+    done = [r for r in rows if r["status"] == "ok" and number(r["final_val_loss"]) is not None]
+    numeric = [k for k in keys if all(number(r[k]) is not None for r in done)]
+    x_key = "r" if "r" in numeric else (numeric[0] if numeric else keys[0])
     other = [k for k in keys if k != x_key]
-    done = [r for r in rows if r["status"] == "ok" and r["final_val_loss"] != ""]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    counts = {number(r["trainable_params"]) for r in done} - {None}
+    with_params = len(counts) > 1  # one count for every point would be a single column of dots
+    fig, axes = plt.subplots(1, 1 + with_params, figsize=(12 if with_params else 6.5, 4.5), squeeze=False)
+    ax1 = axes[0][0]
+    x = (lambda r: number(r[x_key])) if x_key in numeric else (lambda r: str(r[x_key]))
     groups: dict[str, list[dict]] = {}
     for r in done:
         groups.setdefault(", ".join(str(r[k]) for k in other) or "all", []).append(r)
     for label, group in sorted(groups.items()):
-        group = sorted(group, key=lambda r: float(r[x_key]))
-        ax1.plot([float(r[x_key]) for r in group], [r["final_val_loss"] for r in group], "o-", label=label)
-        params = [r["trainable_params"] or math.nan for r in group]
-        ax2.scatter(params, [r["final_val_loss"] for r in group], label=label)
-    ax1.set_xscale("log", base=2)
+        if x_key in numeric:
+            group = sorted(group, key=x)
+        loss = [number(r["final_val_loss"]) for r in group]
+        style = "o-" if x_key in numeric else "o"  # no lines between unordered categories such as target sets
+        ax1.plot([x(r) for r in group], loss, style, label=label)
+        if with_params:
+            axes[0][1].scatter([number(r["trainable_params"]) or math.nan for r in group], loss, label=label)
+    if x_key in numeric and x_key.endswith("lr"):
+        ax1.set_xscale("log", base=10)  # learning rates are swept over decades: ticks at 1e-4, 1e-3, ...
+    elif x_key == "r" and x_key in numeric:
+        ax1.set_xscale("log", base=2)  # ranks double: ticks at 4, 8, 16, ...
     ax1.set(xlabel=x_key, ylabel="final val loss", title=f"{sweep['name']}: val loss vs {x_key}")
-    ax2.set_xscale("log")
-    ax2.set(xlabel="trainable parameters", ylabel="final val loss", title="val loss vs trainable parameters")
-    for ax in (ax1, ax2):
-        if groups:
+    if with_params:
+        axes[0][1].set_xscale("log")
+        axes[0][1].set(xlabel="trainable parameters", ylabel="final val loss", title="val loss vs trainable params")
+    for ax in axes[0]:
+        if groups and other:  # a single "all" line needs no legend
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plt.close(fig)  # the caller saves it; nothing is shown
+    return fig
 
 
 # ---------------------------------------------------------------------------- command
@@ -233,7 +360,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("sweep", help="sweep YAML file (see experiments/)")
     parser.add_argument("--list", action="store_true", help="print the points with their indices and exit")
     parser.add_argument("--index", type=int, help="run only point I (for scheduler array jobs)")
-    parser.add_argument("--dry-run", action="store_true", help="print each point's resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print each point's fit command and exit")
     parser.add_argument("--summarize", action="store_true", help="only (re)write the summary")
     parser.add_argument("--root", help="override the sweep's output root")
     args = parser.parse_args(argv)
@@ -246,15 +373,21 @@ def main(argv: list[str]) -> int:
             print(f"{i}\t{p['name']}\t{read_status(point_dir(sweep, p)).get('status', 'pending')}")
         return 0
     if args.index is not None and not 0 <= args.index < len(pts):
-        parser.error(f"--index {args.index} is out of range: the sweep has {len(pts)} points (0..{len(pts) - 1})")
-    selected = [pts[args.index]] if args.index is not None else pts
+        last = len(pts) - 1
+        raise ConfigError(f"--index {args.index} is out of range: {args.sweep} has {len(pts)} points (0..{last})")
+    indices = [args.index] if args.index is not None else range(len(pts))
+    selected = [pts[i] for i in indices]
     if args.dry_run:
-        for p in selected:
-            print(f"# ---- {p['name']}  ({point_dir(sweep, p)})", flush=True)
-            subprocess.run([sys.executable, "-m", "phi3lit", *fit_args(sweep, p, False), "--print_config"], check=True)
+        for i in indices:
+            print(dry_run(sweep, pts[i], i), flush=True)
         return 0
+    failed = 0
     if not args.summarize:
-        results = [run_point(sweep, p) for p in selected]
-        print(f"[ablate] {results.count('ok')} ok, {results.count('failed')} failed of {len(selected)}", flush=True)
+        n = len(selected)
+        results = [run_point(sweep, p, f"{i}/{n}") for i, p in enumerate(selected, 1)]
+        failed, skipped = results.count("failed"), results.count("skipped")
+        before = f" ({skipped} finished before, skipped)" if skipped else ""
+        print(f"[ablate] {n - failed} ok, {failed} failed of {n}{before}", flush=True)
     summarize(sweep)
-    return 0
+    # A failed point fails the command (and its SLURM array task), after the other points and the summary.
+    return EXIT_FAILED_POINTS if failed else 0

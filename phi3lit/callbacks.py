@@ -385,7 +385,7 @@ class ProgressLog(L.Callback):
         """
         self.lines = lines
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer, pl_module) -> None:  # not on_train_start: a resume past max_steps has none
         tty = sys.stdout.isatty() and trainer.progress_bar_callback is not None
         self.enabled = self.lines == "always" or (self.lines == "auto" and not tty)
         self.start, self.start_step, self.printed = time.perf_counter(), trainer.global_step, trainer.global_step

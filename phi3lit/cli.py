@@ -35,6 +35,7 @@ from phi3lit.data import ChatDataModule, DataError
 from phi3lit.errors import CheckpointError, EnvironmentProblem, Phi3litError
 from phi3lit.model import Phi3LoRA
 from phi3lit.resume import explain, flat_config, resume_diff
+from phi3lit.runfolder import check_not_mixing, lock_run_folder, release_run_folder
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -161,7 +162,10 @@ class Phi3LitCLI(LightningCLI):
         if config.allocator == "keep":  # before the model's weights are allocated
             keep_freed_memory()
         if self.subcommand == "fit":  # before any logger or callback creates folders in it
-            check_writable(Path(config.trainer.default_root_dir or os.getcwd()), config.guard.min_free_mb)
+            root = Path(config.trainer.default_root_dir or os.getcwd())
+            check_writable(root, config.guard.min_free_mb)
+            lock_run_folder(root)
+            check_not_mixing(root, resuming=bool(config.ckpt_path))
         # TensorBoard in the run folder by default (Lightning's default would be version_N folders).
         trainer = config.trainer
         if trainer.logger in (None, True):
@@ -205,6 +209,8 @@ def main(args: list[str] | None = None) -> None:
         kind = "data" if isinstance(known, DataError) else known.kind
         print(f"phi3lit: {kind} error: {known}", file=sys.stderr)
         sys.exit(getattr(known, "exit_code", 2))
+    finally:
+        release_run_folder()  # a process that runs several fits (tests, notebooks) frees each folder it used
 
 
 def _dispatch(argv: list[str], from_sys_argv: bool) -> None:

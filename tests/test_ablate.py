@@ -1,8 +1,12 @@
-"""ablate: a 2x2 sweep on the tiny model; skip finished points, resume killed ones, --list/--index agree."""
+"""ablate: a 2x2 sweep on the tiny model; skip finished points, resume killed ones, --list/--index agree; a failed
+point fails the command; bad sweep files are one-line config errors; --dry-run, result lines, summary, plot."""
 
 import csv
 import os
+import re
+import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -11,7 +15,10 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from phi3lit.ablate import load_sweep, points
+from phi3lit import ablate as ablate_module
+from phi3lit.ablate import fit_args, load_sweep, points
+from phi3lit.callbacks import read_scalars
+from phi3lit.errors import ConfigError
 from phi3lit.tiny import TINY_DATA
 
 
@@ -50,6 +57,9 @@ def test_sweep_runs_summarizes_and_skips_finished_points(sweep_file):
     proc = ablate(sweep_file)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = sweep_file.parent / "runs" / "mini"
+    # One result line per finished point, in order, with its numbers.
+    result = r"^\[ablate\] \d/4 (\S+): ok  best_val_loss=[\d.]+ final_val_loss=[\d.]+ tokens_per_sec=\d+ wall_s=[\d.]+$"
+    assert re.findall(result, proc.stdout, re.M) == [p["name"] for p in points(load_sweep(sweep_file))], proc.stdout
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert folders == sorted(p["name"] for p in points(load_sweep(sweep_file)))
     assert all((out / f / "tb").is_dir() and (out / f / "adapter").is_dir() for f in folders)
@@ -93,14 +103,99 @@ def test_killed_sweep_completes_on_rerun(sweep_file, tmp_path):
     assert rows[3]["status"] == "ok"
 
 
-def test_failed_point_is_recorded_and_the_sweep_goes_on(sweep_file, tmp_path):
+def test_failed_point_fails_the_command_after_the_sweep_goes_on(sweep_file, tmp_path):
     sweep = yaml.safe_load(sweep_file.read_text())
     sweep["grid"] = {"model.lora.r": [4, -1]}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(sweep))
-    proc = ablate(bad, "--root", tmp_path)
-    assert proc.returncode == 0 and "1 ok, 1 failed" in proc.stdout
+    log = tmp_path / "ablate.log"  # as a batch job's log file
+    cmd = [sys.executable, "-m", "phi3lit", "ablate", str(bad), "--root", str(tmp_path)]
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    second = tmp_path / "bad" / "r=-1" / "status.json"
+    while not second.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    # The first point's result is in the log file while the sweep is still busy with the second.
+    assert re.search(r"^\[ablate\] 1/2 r=4: ok  best_val_loss=[\d.]+ ", log.read_text(), re.M), log.read_text()
+    assert proc.wait(timeout=900) == 1 and "1 ok, 1 failed" in log.read_text(), log.read_text()[-3000:]
+    failed_line = r"^\[ablate\] 2/2 r=-1: FAILED \(exit \d+; see .*fit.log\)  best_val_loss=- "
+    assert re.search(failed_line, log.read_text(), re.M), log.read_text()
     rows = list(csv.DictReader((tmp_path / "bad" / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["ok", "failed"]
     status = (tmp_path / "bad" / "r=-1" / "status.json").read_text()
     assert "model.lora.r must be positive" in status
+
+    # One point per SLURM array task: the failing point's task fails, the good point's task does not.
+    assert ablate(bad, "--root", tmp_path, "--index", 1).returncode == 1
+    assert ablate(bad, "--root", tmp_path, "--index", 0).returncode == 0
+
+
+TINY_BASE = str(ROOT / "configs" / "tiny.yaml")
+GRID = "grid: {model.lora.r: [4, 8]}\n"
+BAD_SWEEPS = {  # file text -> what the one-line message must say after `<file>: `
+    "syntax": ("base: x.yaml\ngrid: {model.lora.r: [4, 8}\n", "not valid YAML"),
+    "no_grid": (f"base: {TINY_BASE}\n", "no `grid:`"),
+    "no_base": (GRID, "no `base:`"),
+    "base_missing": ("base: configs/no_such.yaml\n" + GRID, "base: configs/no_such.yaml does not exist"),
+    "value_not_list": (f"base: {TINY_BASE}\ngrid: {{model.lora.r: 4}}\n", "grid: model.lora.r: must be a non-empty"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_SWEEPS)
+def test_bad_sweep_file_is_a_one_line_config_error(case, tmp_path):
+    text, expected = BAD_SWEEPS[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        ablate_module.main([str(path), "--list"])
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(str(path)) and expected in message, message
+
+
+def test_missing_sweep_file_through_the_cli(tmp_path):
+    path = tmp_path / "no_such_sweep.yaml"
+    proc = ablate(path)
+    assert proc.returncode == 2 and not (tmp_path / "runs").exists()
+    message = f"{path}: cannot read the sweep file (No such file or directory)"
+    assert proc.stderr.strip() == f"phi3lit: config error: {message}"  # one line, no traceback
+
+
+def test_dry_run_prints_each_points_fit_command(sweep_file, tmp_path):
+    proc = ablate(sweep_file, "--dry-run", "--root", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    spec = load_sweep(sweep_file)
+    spec["root"] = str(tmp_path)
+    pts, lines = points(spec), proc.stdout.strip().splitlines()
+    assert len(lines) == 2 * len(pts), proc.stdout  # a header and a command per point, not the resolved config
+    for i, p in enumerate(pts):
+        assert lines[2 * i] == f"# {i} {p['name']} (pending)"
+        assert shlex.split(lines[2 * i + 1]) == ["python", "-m", "phi3lit", *fit_args(spec, p, resume=False)]
+    assert "--model.lora.r 4 --model.lora.targets '[q, v]'" in lines[1]  # overrides as a user types them
+    assert not (tmp_path / "mini").exists()  # nothing ran
+    words = shlex.split(lines[3])
+    check = subprocess.run([sys.executable, *words[1:], "--print_config"], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 0 and f"default_root_dir: {tmp_path / 'mini' / pts[1]['name']}" in check.stdout
+
+
+def test_lr_sweep_summary_has_steady_tokens_per_sec_and_a_log10_lr_plot(sweep_file, tmp_path):
+    sweep = yaml.safe_load(sweep_file.read_text())
+    sweep["grid"] = {"model.lr": [1e-4, 1e-3]}
+    sweep["fixed"] |= {"model.lora.r": 4, "model.lora.targets": ["q", "v"], "trainer.log_every_n_steps": 1}
+    path = tmp_path / "lr.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    proc = ablate(path, "--root", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = tmp_path / "lr"
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    for row, point in zip(rows, points(load_sweep(path)), strict=True):
+        windows = [v for _, v in read_scalars(str(out / point["name"] / "tb"))["train/tokens_per_sec"]]
+        assert len(windows) >= 3
+        assert int(row["tokens_per_sec"]) == round(statistics.median(windows[1:]))  # start-up window left out
+    assert "median of the point's logged `train/tokens_per_sec`" in (out / "summary.md").read_text()
+
+    png = (out / "summary.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") < 1000  # one panel: both points train the same parameter count
+    fig = ablate_module.summary_figure(load_sweep(path), rows)
+    fig.canvas.draw()
+    ticks = " ".join(t.get_text() for t in fig.axes[0].get_xticklabels())
+    assert len(fig.axes) == 1 and "10^{-4}" in ticks and "10^{-3}" in ticks, ticks

@@ -139,6 +139,38 @@ def test_final_step_is_checkpointed_when_not_a_multiple_of_the_interval(small_da
         assert len(match) == 1 and torch.equal(match[0], value), key
 
 
+def test_second_fit_in_a_busy_run_folder_is_refused_and_a_dead_holder_is_taken_over(small_data, tmp_path):
+    cmd = fit_cmd(small_data, tmp_path)[:-2] + ["--trainer.max_steps", "100000"]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: (tmp_path / "checkpoints" / "step=000002.ckpt").exists())
+        second = run(fit_cmd(small_data, tmp_path, "--ckpt_path", "last"))
+        assert second.returncode == 2
+        assert f"is in use by a running fit (pid {first.pid} on " in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first run goes on, untouched
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    names = {p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")}
+    assert not any(n.startswith("last-v") for n in names)
+    # The killed holder's lock is released by the kernel: a resume takes the folder over.
+    step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    resumed = run(fit_cmd(small_data, tmp_path, "--ckpt_path", "last", "--trainer.max_steps", str(step + 2)))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_fresh_fit_into_a_folder_with_an_earlier_run_is_refused(small_data, tmp_path, capsys):
+    assert run(fit_cmd(small_data, tmp_path, "--trainer.max_steps", "2")).returncode == 0
+    before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(fit_cmd(small_data, tmp_path, "--trainer.max_steps", "2")[3:])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints of an earlier run" in err and "--ckpt_path last" in err
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
 def test_killed_write_leaves_the_previous_file(tmp_path):
     target = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1}, target)
