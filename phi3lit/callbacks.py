@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from safetensors import SafetensorError
 
 from phi3lit.checkpoint import AtomicCheckpointIO
 from phi3lit.data import IGNORE_INDEX
@@ -43,8 +44,29 @@ class SaveAdapter(L.Callback):
         if not trainer.is_global_zero or preempted:  # an unfinished run has no final adapter yet
             return
         out = Path(trainer.default_root_dir) / self.dirname
-        pl_module.model.save_pretrained(out)
-        pl_module.tokenizer.save_pretrained(out)
+        # Written whole into a temporary folder, then swapped in: a full disk or a kill mid-save leaves the previous
+        # adapter (or none), never a folder with a 0-byte file in it.
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            pl_module.model.save_pretrained(tmp)
+            pl_module.tokenizer.save_pretrained(tmp)
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(out)
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk in its own error type
+            shutil.rmtree(tmp, ignore_errors=True)
+            ckpt = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir
+            why = getattr(e, "strerror", None) or e
+            raise EnvironmentProblem(
+                f"{out}: could not write the adapter ({why}); nothing partial was left there. The final "
+                f"weights are in {Path(ckpt) / 'last.ckpt'}: free space, then python -m phi3lit export --ckpt "
+                f"{Path(ckpt) / 'last.ckpt'} --out {out}"
+            ) from None
         rank_zero_info(f"[phi3lit] adapter saved to {out} (load with peft.PeftModel.from_pretrained(base, path))")
 
 

@@ -9,6 +9,7 @@ A run lives in one folder, `trainer.default_root_dir`:
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ from phi3lit.callbacks import (
 )
 from phi3lit.checkpoint import read_checkpoint
 from phi3lit.data import ChatDataModule, DataError
-from phi3lit.errors import CheckpointError, EnvironmentProblem, Phi3litError
+from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, Phi3litError
 from phi3lit.model import Phi3LoRA
 from phi3lit.resume import explain, flat_config, resume_diff
 from phi3lit.runfolder import check_not_mixing, lock_run_folder, release_run_folder
@@ -158,6 +159,7 @@ class Phi3LitCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_values(config)
         check_devices(config)
         if config.allocator == "keep":  # before the model's weights are allocated
             keep_freed_memory()
@@ -174,6 +176,28 @@ class Phi3LitCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(save_dir=root, name="tb", version="", default_hp_metric=False),
             )
+
+
+def check_values(config) -> None:
+    """Values that parse but cannot work fail here, before anything loads, naming their key."""
+    trainer, data = config.trainer, config.data
+    if trainer.max_steps == 0 or trainer.max_epochs == 0:
+        key = "max_steps" if trainer.max_steps == 0 else "max_epochs"
+        raise ConfigError(f"trainer.{key}=0 trains nothing (and would still write an untrained adapter)")
+    if trainer.max_steps is not None and trainer.max_steps < -1:
+        raise ConfigError(f"trainer.max_steps must be positive, or -1 for max_epochs; got {trainer.max_steps}")
+    if trainer.accumulate_grad_batches is not None and trainer.accumulate_grad_batches < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches must be at least 1, got {trainer.accumulate_grad_batches}")
+    clip = trainer.gradient_clip_val
+    if clip is not None and not (math.isfinite(clip) and clip >= 0):
+        raise ConfigError(f"trainer.gradient_clip_val must be a finite number >= 0 (0 or null: off), got {clip}")
+    if data.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be at least 1, got {data.batch_size}")
+    if not data.val_file and data.val_fraction > 0.5:  # a typo for 0.0999 would train on a sliver of the data
+        raise ConfigError(
+            f"data.val_fraction={data.val_fraction} holds out more than half of data.train_file for validation; "
+            "use a fraction up to 0.5, or give the validation set as data.val_file"
+        )
 
 
 def check_devices(config) -> None:

@@ -57,6 +57,7 @@ class LoraSpec:
     targets: list[str] | str = field(default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     modules_to_save: list[str] = field(default_factory=list)  # fully trained modules: embed, lm_head
     use_rslora: bool = False  # scale alpha / sqrt(r)
+    force_rank: bool = False  # allow r above min(in, out) of a target (no added capacity, only parameters)
     use_dora: bool = False  # weight-decomposed LoRA (DoRA): a trained magnitude per output row
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"  # peft's init_lora_weights
     rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module rank, e.g. {"down_proj": 8}
@@ -124,6 +125,37 @@ def resolve_targets(targets: list[str]) -> dict[str, tuple[str, ...] | None]:
         full = set(order) == enabled
         plan[module] = None if (not order or full) else tuple(s for s in order if s in enabled)
     return plan
+
+
+def module_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each Phi-3 projection; for fused ones, of one slice (the LoRA per slice)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    h, i = config.hidden_size, config.intermediate_size
+    return {
+        "qkv_proj": (h, config.num_key_value_heads * head_dim),  # the smallest slice (k and v under GQA)
+        "o_proj": (config.num_attention_heads * head_dim, h), "gate_up_proj": (h, i), "down_proj": (i, h),
+        "embed_tokens": (config.vocab_size, h), "lm_head": (h, config.vocab_size),
+    }  # fmt: skip
+
+
+def check_rank(spec: LoraSpec, config) -> None:
+    """A rank above min(in, out) adds parameters but no capacity: B A already has full rank before that.
+
+    r=100000 on a 256-wide model trained 716,800,000 parameters and wrote 8 GB checkpoints; reject it unless
+    `force_rank` says it is meant.
+    """
+    if spec.force_rank:
+        return
+    shapes = module_shapes(config)
+    for module in resolve_targets(spec.targets):
+        r = spec.rank_pattern.get(module, spec.r)
+        limit = min(shapes[module])
+        if r > limit:
+            key = f"model.lora.rank_pattern[{module!r}]" if module in spec.rank_pattern else "model.lora.r"
+            raise ConfigError(
+                f"{key}={r} is above min(in, out)={limit} of {module} {shapes[module]}: a larger rank adds "
+                f"parameters but no capacity. Use r <= {limit}, or set model.lora.force_rank=true"
+            )
 
 
 def slice_rows(config, module: str) -> dict[str, tuple[int, int]]:

@@ -38,6 +38,7 @@ from phi3lit.lora import (
     LoraSpec,
     apply_lora,
     check_adapter_matches,
+    check_rank,
     effective_trainable,
     install_slice_masks,
     logical_numel,
@@ -141,6 +142,20 @@ class Phi3LoRA(L.LightningModule):
                 eager because document offsets change every batch). The first steps pay the compile time.
         """
         super().__init__()
+        for key, value in (("lr", lr), ("min_lr_ratio", min_lr_ratio), ("warmup_ratio", warmup_ratio)):
+            if not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+                raise ConfigError(
+                    f"model.{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {value}"
+                )
+        if weight_decay < 0 or not math.isfinite(weight_decay) or not all(0 <= b < 1 for b in betas):
+            raise ConfigError(f"model.weight_decay must be >= 0 and model.betas in [0, 1), got {weight_decay}, {betas}")
+        for key, value in (
+            ("warmup_steps", warmup_steps),
+            ("ce_chunk", ce_chunk),
+            ("max_skipped_steps", max_skipped_steps),
+        ):
+            if value < 0:
+                raise ConfigError(f"model.{key} must be >= 0, got {value}")
         self.save_hyperparameters(logger=False)  # RunConfig logs the whole resolved config instead
         self.lora = lora
         self.tokenizer = None
@@ -167,6 +182,7 @@ class Phi3LoRA(L.LightningModule):
             config = AutoConfig.from_pretrained(path)
         except OSError as e:
             raise missing_model(hp.pretrained, e) from None
+        check_rank(self.lora, config)  # before reading any weights too
         if hp.max_length > config.max_position_embeddings:  # checked before reading any weights
             raise ConfigError(
                 f"data.max_length={hp.max_length} exceeds the model's {config.max_position_embeddings} positions"

@@ -171,6 +171,27 @@ def test_fresh_fit_into_a_folder_with_an_earlier_run_is_refused(small_data, tmp_
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
+def test_full_disk_during_the_final_adapter_save(small_data, tmp_path):
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:  # the adapter (about 460 kB) is written to a 128 kB disk; the checkpoints go to the roomy run folder
+        adapter = ["--adapter.dirname", str(disk / "adapter")]
+        proc = run(fit_cmd(small_data, tmp_path / "run", "--trainer.max_steps", "2", *adapter))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "could not write the adapter (" in proc.stderr and "No space left on device" in proc.stderr
+        assert "nothing partial was left there" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert list(disk.iterdir()) == []  # no 0-byte README, no temporary folder
+        ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+        assert ckpt["global_step"] == 2  # the final weights are safe, and the message says how to export them
+        assert f"python -m phi3lit export --ckpt {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}" in proc.stderr
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 def test_killed_write_leaves_the_previous_file(tmp_path):
     target = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1}, target)
@@ -285,8 +306,29 @@ def test_fp8_precision_needs_a_gpu(small_data, tmp_path, capsys):
         (["--model.lora.dropout", "1.5"], "model.lora.dropout must be in [0, 1), got 1.5"),
         (["--model.lora.targets", "[q, qq]"], "model.lora.targets: unknown target 'qq'"),
         (["--data.max_length", "5000"], "data.max_length=5000 exceeds the model's 1024 positions"),
+        (["--data.batch_size", "0"], "data.batch_size must be at least 1, got 0"),
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be at least 1, got 0"),
+        (["--model.lr=-1e-3"], "model.lr must be a finite number > 0, got -0.001"),
+        (["--model.lr", ".nan"], "model.lr must be a finite number > 0, got nan"),  # YAML's NaN
+        (["--model.lr", ".inf"], "model.lr must be a finite number > 0, got inf"),
+        (["--trainer.max_steps", "0"], "trainer.max_steps=0 trains nothing"),
+        (["--data.val_fraction", "0.999"], "data.val_fraction=0.999 holds out more than half"),
+        (["--model.lora.r", "100000"], "model.lora.r=100000 is above min(in, out)=256 of qkv_proj (256, 256)"),
     ],
-    ids=["rank", "dropout", "target", "max_length"],
+    ids=[
+        "rank",
+        "dropout",
+        "target",
+        "max_length",
+        "batch_size",
+        "accumulate",
+        "lr",
+        "lr_nan",
+        "lr_inf",
+        "max_steps",
+        "val_fraction",
+        "huge_rank",
+    ],
 )
 def test_impossible_config_values_fail_before_loading(small_data, tmp_path, capsys, extra, message):
     err = explain(capsys, fit_cmd(small_data, tmp_path, *extra)[3:])
