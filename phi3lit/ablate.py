@@ -356,7 +356,7 @@ def summary_figure(sweep: dict, rows: list[dict]):
 
 # ---------------------------------------------------------------------------- command
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m phi3lit ablate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="phi3lit ablate", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", help="sweep YAML file (see experiments/)")
     parser.add_argument("--list", action="store_true", help="print the points with their indices and exit")
     parser.add_argument("--index", type=int, help="run only point I (for scheduler array jobs)")

@@ -81,10 +81,19 @@ class PredictionWriter(BasePredictionWriter):
         self.filename = filename
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self.path = Path(trainer.default_root_dir) / self.filename
+        path = Path(trainer.default_root_dir) / self.filename
+        n = 1
+        while path.exists():  # earlier predictions stay: predictions-2.jsonl, -3, ...
+            n += 1
+            path = path.with_name(f"{Path(self.filename).stem}-{n}{Path(self.filename).suffix}")
+        self.path = path
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            print(f"[phi3lit] predictions written to {self.path}", flush=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         with open(self.path, "a") as f:

@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -210,6 +211,11 @@ def check_devices(config) -> None:
         raise EnvironmentProblem(f"trainer.precision={precision} (FP8) is GPU-only: use 32-true or bf16-mixed on CPU")
     if "bf16" in precision and cuda and not torch.cuda.is_bf16_supported():
         raise EnvironmentProblem(f"trainer.precision={precision}: this GPU has no bf16; use 16-mixed")
+    if precision.startswith("bf16-true") and not cuda:
+        rank_zero_info(
+            f"[phi3lit] hint: trainer.precision={precision} on a CPU runs bf16 matmuls without fast kernels (measured "
+            "~40x slower than 32-true here); 32-true is the CPU setting, bf16 is for GPUs"
+        )
     strategy = str(config.trainer.strategy).lower()
     if "deepspeed" in strategy and importlib.util.find_spec("deepspeed") is None:
         raise EnvironmentProblem(
@@ -237,42 +243,87 @@ def main(args: list[str] | None = None) -> None:
         release_run_folder()  # a process that runs several fits (tests, notebooks) frees each folder it used
 
 
-def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
-    if argv and argv[0] == "export":
-        from jsonargparse import CLI
+COMMANDS = {  # name: what it does, for the top-level --help
+    "fit": "train LoRA adapters (the config's trainer, model and data); writes <run>/adapter at the end",
+    "validate": "val loss of a checkpoint or adapter on the validation data",
+    "test": "the same on data.test_file",
+    "predict": "answer data.predict_file's prompts; writes <run>/predictions.jsonl",
+    "data": "what the data becomes: counts, lengths, packing, and an example with its trained tokens marked",
+    "plan": "parameter counts and a memory estimate for a config, without weights or a GPU",
+    "export": "a checkpoint as a stock peft adapter (fused or split) or a merged model",
+    "chat": "talk to an adapter or a merged model in the terminal",
+    "ablate": "run a sweep file (experiments/*.yaml) of fit overrides and summarise it",
+    "tiny": "build a tiny random-init Phi-3 of any tokenizer's vocabulary, for offline dry runs",
+}
 
+
+def overview() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items())
+    return (
+        "usage: phi3lit COMMAND [--config FILE.yaml] [options]   (also: python -m phi3lit COMMAND ...)\n\n"
+        "LoRA fine-tuning of Phi-3 with PyTorch Lightning.\n\ncommands:\n"
+        f"{rows}\n\n"
+        "phi3lit COMMAND --help lists a command's options; fit, validate, test, predict, data and plan take the same\n"
+        "config (--print_config shows it resolved). Start offline: phi3lit fit --config configs/tiny.yaml"
+    )
+
+
+def _function_cli(fn, name: str, args: list[str]):
+    from jsonargparse import CLI
+
+    return CLI(fn, args=args, as_positional=False, prog=f"phi3lit {name}")
+
+
+def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
+    command = argv[0] if argv else None
+    if command in (None, "-h", "--help"):
+        print(overview())
+        return
+    if command == "export":
         from phi3lit.export import export
 
         rest = argv[1:]
         for i, a in enumerate(rest):  # allow the plain flag `--merge` (jsonargparse booleans take a value)
             if a == "--merge" and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
                 rest[i] = "--merge=true"
-        out = CLI(export, args=rest, as_positional=False)
+        out = _function_cli(export, "export", rest)
         print(f"[phi3lit] exported to {out}")
         return
-    if argv and argv[0] == "ablate":
+    if command == "ablate":
         from phi3lit import ablate
 
         sys.exit(ablate.main(argv[1:]))
-    if argv and argv[0] == "chat":
-        from jsonargparse import CLI
-
+    if command == "chat":
         from phi3lit.chat import chat
 
-        CLI(chat, args=argv[1:], as_positional=False)
+        _function_cli(chat, "chat", argv[1:])
         return
-    if argv and argv[0] == "data":  # inspect masks and packing before spending GPU hours
-        from phi3lit.data import describe
+    if command == "tiny":
+        from phi3lit.tiny import tiny
 
-        cli = Phi3LitCLI(Phi3LoRA, ChatDataModule, run=False, auto_configure_optimizers=False, args=argv[1:])
-        cli.datamodule.setup("fit")
-        print(describe(cli.datamodule, "train"))
+        _function_cli(tiny, "tiny", argv[1:])
         return
-    if argv and argv[0] == "plan":
-        from phi3lit.plan import plan_from_cli
+    if command in ("data", "plan"):  # the fit config, parsed without running: inspect before spending GPU hours
+        with warnings.catch_warnings():  # Lightning warns that `args` is meant for notebooks; here it is the CLI
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = Phi3LitCLI(
+                Phi3LoRA,
+                ChatDataModule,
+                run=False,
+                auto_configure_optimizers=False,
+                args=argv[1:],
+                parser_kwargs={"prog": f"phi3lit {command}", "description": COMMANDS[command]},
+            )
+        if command == "data":
+            from phi3lit.data import describe
 
-        cli = Phi3LitCLI(Phi3LoRA, ChatDataModule, run=False, auto_configure_optimizers=False, args=argv[1:])
-        print(plan_from_cli(cli))
+            cli.datamodule.setup("fit")
+            print(describe(cli.datamodule, "train"))
+        else:
+            from phi3lit.plan import plan_from_cli
+
+            print(plan_from_cli(cli))
         return
     Phi3LitCLI(
         Phi3LoRA,
@@ -282,6 +333,7 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
         save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
         args=None if from_sys_argv else argv,
+        parser_kwargs={"prog": "phi3lit"},
     )
 
 

@@ -48,7 +48,23 @@ INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "ol
 
 @dataclass
 class LoraSpec:
-    """LoRA hyper-parameters (the model card's sample recipe by default)."""
+    """LoRA hyper-parameters (the model card's sample recipe by default).
+
+    Args:
+        r: rank of the update B @ A (per slice for sliced targets such as [q, v]).
+        alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).
+        dropout: dropout on the LoRA branch input; 0 skips the copy.
+        targets: logical names q k v o gate up down embed lm_head, presets all-linear / attn / mlp, or raw module
+            names (qkv_proj, o_proj, gate_up_proj, down_proj); on the command line a list is written '[q, v]'.
+        modules_to_save: modules trained in full and saved with the adapter: embed, lm_head.
+        use_rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA).
+        force_rank: allow r above min(in, out) of a target (adds parameters, no capacity).
+        use_dora: weight-decomposed LoRA (DoRA): a trained magnitude per output row.
+        init: peft's init_lora_weights: default (A Kaiming, B zero), gaussian, pissa, olora.
+        rank_pattern: per-module rank, e.g. {down_proj: 8}.
+        alpha_pattern: per-module alpha.
+        bias: which biases train (loralib's modes): none, all, lora_only.
+    """
 
     r: int = 16  # rank of the update B @ A (per slice for sliced targets)
     alpha: float = 32.0  # update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
@@ -118,7 +134,10 @@ def resolve_targets(targets: list[str]) -> dict[str, tuple[str, ...] | None]:
                 slices.setdefault(module, set()).update([t] if module in FUSED else [])
             else:
                 known = sorted(PRESETS) + sorted(LOGICAL) + sorted(RAW)
-                raise ConfigError(f"model.lora.targets: unknown target {t!r}; known: {', '.join(known)}")
+                hint = ""
+                if "," in t:  # `--model.lora.targets q,v` arrives as one string
+                    hint = f" (for several targets write a list: --model.lora.targets '[{t.replace(',', ', ')}]')"
+                raise ConfigError(f"model.lora.targets: unknown target {t!r}{hint}; known: {', '.join(known)}")
     plan = {}
     for module, enabled in slices.items():
         order = FUSED.get(module, ())

@@ -147,12 +147,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("PHI3LIT_CACHE", Path.home() / ".cache" / "phi3lit"))
 
 
-def build_tiny_model(out: Path, seed: int = 0) -> Path:
-    """Save a seeded random-init tiny `Phi3ForCausalLM` plus the tiny tokenizer to `out`."""
+def build_tiny_model(out: Path, seed: int = 0, tokenizer_dir: str | Path = TINY_TOKENIZER) -> Path:
+    """Save a seeded random-init tiny `Phi3ForCausalLM` plus the tokenizer (the shipped tiny one by default)."""
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Phi3Config(
         vocab_size=64 * ((len(tokenizer) + 63) // 64),  # padded like Phi-3's 32,064 rows
         bos_token_id=tokenizer.bos_token_id,
@@ -190,6 +190,42 @@ def resolve_pretrained(name: str) -> str:
     return str(path)
 
 
-if __name__ == "__main__":
-    write_assets()
-    print(f"wrote {TINY_DATA} and {TINY_TOKENIZER}")
+def tiny(tokenizer: str, out: str, seed: int = 0) -> Path:
+    """Build a tiny random-init Phi-3 (2 layers, hidden 256) with any tokenizer's vocabulary, for offline dry runs.
+
+    `python -m phi3lit tiny --tokenizer DIR --out DIR`, then `fit --model.pretrained DIR`: masks, packing and the
+    whole recipe run on your own tokenizer in minutes on a CPU, before any GPU time.
+
+    Args:
+        tokenizer: a tokenizer folder (tokenizer.json + tokenizer_config.json; a model folder works too) or hub id.
+        out: folder to write the model and a copy of the tokenizer to; it must not exist yet.
+        seed: seed of the random initialisation.
+    """
+    from phi3lit.errors import ConfigError, missing_model
+
+    target = Path(out)
+    if target.exists():
+        raise ConfigError(f"--out {out}: already exists; choose a new folder")
+    try:
+        build_tiny_model(target, seed, tokenizer)
+    except OSError as e:
+        raise missing_model(tokenizer, e) from None
+    print(f"[phi3lit] tiny Phi-3 with the vocabulary of {tokenizer} written to {target}; use it with "
+          f"--model.pretrained {target}")  # fmt: skip
+    return target
+
+
+if __name__ == "__main__":  # maintainers only: regenerate the shipped tokenizer and chats
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m phi3lit.tiny",
+        description="Regenerate phi3lit's shipped tiny tokenizer and chat data (maintainers). Users who want a tiny "
+        "model of their own tokenizer: python -m phi3lit tiny --tokenizer DIR --out DIR",
+    )
+    parser.add_argument("--write_assets", action="store_true", help=f"rewrite {TINY_DATA} and {TINY_TOKENIZER}")
+    if parser.parse_args().write_assets:
+        write_assets()
+        print(f"wrote {TINY_DATA} and {TINY_TOKENIZER}")
+    else:
+        parser.print_help()

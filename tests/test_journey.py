@@ -100,3 +100,58 @@ def test_logs_that_are_files_get_progress_lines_and_an_end_summary(small_data, t
     assert "[phi3lit] fit done: step 4/4" in text
     assert "val loss    best " in text and "wall time" in text
     assert f"python -m phi3lit chat --adapter {tmp_path / 'run' / 'adapter'}" in text
+
+
+COMMANDS = ["fit", "validate", "test", "predict", "data", "plan", "export", "chat", "ablate", "tiny"]
+
+
+def test_one_cli_every_command_listed_with_its_own_help(capsys):
+    main(["--help"])
+    top = capsys.readouterr().out
+    assert top.startswith("usage: phi3lit COMMAND")
+    assert all(f"\n  {c} " in top for c in COMMANDS)
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert f"usage: phi3lit {command}" in out or f"usage: phi3lit [options] {command}" in out, command
+
+
+def test_comma_separated_targets_suggest_the_list_syntax(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", TINY, "--model.lora.targets", "q,v"])
+    assert e.value.code == 2
+    assert "write a list: --model.lora.targets '[q, v]'" in capsys.readouterr().err
+
+
+def test_predict_keeps_earlier_output_and_says_where_it_wrote(small_data, tmp_path, capfd):
+    root = tmp_path / "run"
+    main(args(small_data, root, "--trainer.max_steps", "1"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 2 + 3?"}]}) + "\n")
+    predict = ["predict", "--config", TINY, "--data.predict_file", str(prompts), "--model.max_new_tokens", "4"]
+    predict += ["--trainer.default_root_dir", str(root), "--model.adapter", str(root / "adapter")]
+    main(predict)
+    first = (root / "predictions.jsonl").read_text()
+    main(predict)
+    assert (root / "predictions.jsonl").read_text() == first  # not overwritten
+    assert (root / "predictions-2.jsonl").read_text().count("\n") == 1
+    out = capfd.readouterr().out
+    assert f"predictions written to {root / 'predictions.jsonl'}" in out
+    assert f"predictions written to {root / 'predictions-2.jsonl'}" in out
+
+
+REAL_TOKENIZER = ROOT.parent / "shared" / "phi3-tokenizer"
+
+
+@pytest.mark.skipif(not REAL_TOKENIZER.is_dir(), reason="../shared/phi3-tokenizer is absent")
+def test_tiny_model_of_your_own_tokenizer_trains_offline(small_data, tmp_path):
+    """`tiny --tokenizer DIR --out DIR` then `fit --model.pretrained DIR`: a dry run on the real Phi-3 vocabulary."""
+    model = tmp_path / "tiny-real-vocab"
+    main(["tiny", "--tokenizer", str(REAL_TOKENIZER), "--out", str(model)])
+    config = json.loads((model / "config.json").read_text())
+    assert config["vocab_size"] == 32064 and config["num_hidden_layers"] == 2
+    assert (model / "tokenizer.json").read_bytes() == (REAL_TOKENIZER / "tokenizer.json").read_bytes()
+    main(args(small_data, tmp_path / "run", "--model.pretrained", str(model), "--trainer.max_steps", "2"))
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
