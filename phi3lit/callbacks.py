@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors import SafetensorError
@@ -41,9 +42,21 @@ class SaveAdapter(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         preempted = any(getattr(cb, "preempted", False) for cb in trainer.callbacks)
+        sharded = isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy)
+        if sharded:  # the final last.ckpt (RunGuard.on_train_end) was gathered by every rank: wait for it
+            trainer.strategy.barrier()
         if not trainer.is_global_zero or preempted:  # an unfinished run has no final adapter yet
             return
         out = Path(trainer.default_root_dir) / self.dirname
+        if sharded:
+            # Reading a sharded model's state on rank 0 alone would wait forever for the other ranks, so the adapter
+            # is exported from the full checkpoint instead (the same code as `python -m phi3lit export`).
+            from phi3lit.export import export
+
+            ckpt = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+            export(ckpt=str(ckpt), out=str(out))
+            rank_zero_info(f"[phi3lit] adapter exported from {ckpt} to {out}")
+            return
         # Written whole into a temporary folder, then swapped in: a full disk or a kill mid-save leaves the previous
         # adapter (or none), never a folder with a 0-byte file in it.
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -360,3 +360,16 @@ def test_data_command_shows_stats_and_a_marked_example(capsys):
     main(["data", "--config", TINY])
     out = capsys.readouterr().out
     assert "examples       1,140" in out and "packing" in out and "[[" in out and "<|end|>]]" in out
+
+
+@pytest.mark.parametrize("fragment", ["fsdp.yaml", "deepspeed_zero3.yaml"])
+def test_sharded_strategies_refuse_what_cannot_be_verified_without_gpus(small_data, tmp_path, capsys, fragment):
+    import importlib.util
+
+    if "deepspeed" in fragment and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("the DeepSpeed check names the missing extra first (test_deepspeed_strategy_names_the_extra)")
+    strategy = ["--config", str(ROOT / "configs" / "strategy" / fragment)]
+    err = explain(capsys, fit_cmd(small_data, tmp_path, *strategy, "--model.lora.targets", "[q, v]")[3:])
+    assert "adapts slices of qkv_proj" in err and "bypass" in err
+    err = explain(capsys, fit_cmd(small_data, tmp_path, *strategy, "--samples.prompts", "[Hi]")[3:])
+    assert "samples.prompts: sample replies are generated on rank 0 alone, which would deadlock" in err
