@@ -45,7 +45,7 @@ class SaveAdapter(L.Callback):
         sharded = isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy)
         if sharded:  # the final last.ckpt (RunGuard.on_train_end) was gathered by every rank: wait for it
             trainer.strategy.barrier()
-        if not trainer.is_global_zero or preempted:  # an unfinished run has no final adapter yet
+        if not trainer.is_global_zero or preempted or trainer.fast_dev_run:  # unfinished, or only a check
             return
         out = Path(trainer.default_root_dir) / self.dirname
         if sharded:
@@ -396,6 +396,8 @@ class RunGuard(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         # max_steps need not be a multiple of checkpoint.every_n_train_steps: without this, last.ckpt would be
         # older than the adapter, and export/predict from it would silently use older weights.
+        if trainer.fast_dev_run:  # a check run writes nothing
+            return
         if not self.preempted and self.saved_step != trainer.global_step and trainer.checkpoint_callback:
             self._save_last(trainer)
 
@@ -474,9 +476,16 @@ class ProgressLog(L.Callback):
             return
         root = Path(trainer.default_root_dir)
         stopped = any(getattr(cb, "preempted", False) for cb in trainer.callbacks)
-        lines = [
-            f"[phi3lit] fit {'stopped' if stopped else 'done'}: step {trainer.global_step}/{self.total_steps(trainer)}"
-        ]
+        if trainer.fast_dev_run:
+            loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+            print(
+                f"[phi3lit] check passed: config, data, model and {trainer.global_step} training step ran "
+                f"(loss {loss:.4f}); nothing was written",
+                flush=True,
+            )
+            return
+        state = "stopped" if stopped else "done"
+        lines = [f"[phi3lit] fit {state}: step {trainer.global_step}/{self.total_steps(trainer)}"]
         if self.val_losses:
             best_step, best = min(self.val_losses, key=lambda x: x[1])
             lines.append(f"  val loss    best {best:.4f} (step {best_step}), final {self.val_losses[-1][1]:.4f}")

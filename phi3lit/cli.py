@@ -109,7 +109,9 @@ class Phi3LitCLI(LightningCLI):
         parser.link_arguments("data.max_length", "model.max_length")
         # A fixed checkpoint folder per run, so `--ckpt_path last` finds the previous run's last.ckpt.
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{step:06d}"})
+        # No last-v1.ckpt: a run folder holds one run (see runfolder.py), so `last` is always this run's newest.
+        defaults = {"checkpoint.save_last": True, "checkpoint.filename": "{step:06d}"}
+        parser.set_defaults({**defaults, "checkpoint.enable_version_counter": False})
         parser.add_argument(
             "--accept_changes",
             type=bool,
@@ -171,6 +173,10 @@ class Phi3LitCLI(LightningCLI):
             check_writable(root, config.guard.min_free_mb)
             lock_run_folder(root)
             check_not_mixing(root, resuming=bool(config.ckpt_path))
+            if config.trainer.fast_dev_run:  # a check: Lightning's ModelCheckpoint would still write last.ckpt
+                config.checkpoint.save_last = False
+        if config.trainer.enable_progress_bar is None and not sys.stdout.isatty():
+            config.trainer.enable_progress_bar = False  # a bar redrawn into a log file is noise: ProgressLog's lines
         # TensorBoard in the run folder by default (Lightning's default would be version_N folders).
         trainer = config.trainer
         if trainer.logger in (None, True):

@@ -155,3 +155,12 @@ def test_tiny_model_of_your_own_tokenizer_trains_offline(small_data, tmp_path):
     assert (model / "tokenizer.json").read_bytes() == (REAL_TOKENIZER / "tokenizer.json").read_bytes()
     main(args(small_data, tmp_path / "run", "--model.pretrained", str(model), "--trainer.max_steps", "2"))
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_fast_dev_run_checks_one_step_and_writes_nothing(small_data, tmp_path, capfd):
+    root = tmp_path / "run"
+    main(args(small_data, root, "--trainer.fast_dev_run", "true"))
+    assert "[phi3lit] check passed: config, data, model and 1 training step ran" in capfd.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == [".phi3lit.lock"]  # no checkpoint, adapter, logs or config
+    main(args(small_data, root))  # the real run then starts in the same folder
+    assert (root / "adapter" / "adapter_model.safetensors").exists()
