@@ -52,7 +52,10 @@ The subtle steps are pure functions with their own tests:
   even the first reply does not fit, it keeps the first `max_length` tokens up to and into that reply,
   as long as at least one reply token survives, and otherwise skips the example (`skipped_too_long`).
   A row therefore never ends on a dangling role header. `drop` drops every overlong example (`dropped`).
-* `pack_rows` places conversations into rows of at most `max_length` tokens, best-fit decreasing.
+* `pack_rows` places conversations into rows of at most `max_length` tokens, best-fit decreasing. Validation and
+  test conversations are placed in a seeded random order instead (plain best fit), so that the first rows, all
+  that a `limit_val_batches` scores, are a fair sample and not the longest conversations; that order is fixed for
+  the run, so every validation scores the same subset.
 * `collate` turns rows into `input_ids`, `labels` and `position_ids` that restart at 0 for every
   conversation. There is no `attention_mask`: given `position_ids`, no mask and no KV cache,
   transformers builds the block-causal mask itself, so packed conversations never see each other.
@@ -62,7 +65,16 @@ The subtle steps are pure functions with their own tests:
 Tokenization runs once per (conversations, tokenizer, settings, this file's code): `ChatDataModule` tokenizes
 through `datasets.Dataset.map` into an Arrow file under `cache_dir` named by a hash of all of those, and a
 later run with the same inputs loads that file instead of tokenizing again. Packed rows read their
-conversations from the memory-mapped file, so a large dataset never sits in Python lists.
+conversations from the memory-mapped file, so a large dataset never sits in Python lists. The file is written
+under a temporary name, fsync'ed and renamed into place; then a small `<key>.json` beside it records its rows,
+tokens, size and sha256. A cache file that does not match its record (truncated, altered, or without one) is
+never read: it is tokenized again, with one log line naming it. Temporary files that killed runs left behind
+are removed once their process is gone or they are 15 minutes old.
+
+Training order is exact across resumes: the position in an epoch is kept as positions of the epoch's global
+order (see `ResumableSampler`), so a run may resume with another batch size or number of devices. Checkpoints
+also keep a fingerprint of the data, the split and the order settings (`ChatDataModule.state_dict`); resuming
+`fit` with different ones is refused with the list of differences unless `accept_changes` is set.
 """
 
 from __future__ import annotations
@@ -72,7 +84,11 @@ import functools
 import hashlib
 import itertools
 import json
+import math
+import os
 import re
+import socket
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,7 +99,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
-from phi3lit.errors import ConfigError, missing_model
+from phi3lit.errors import CheckpointError, ConfigError, missing_model
 from phi3lit.tiny import cache_root, resolve_pretrained
 
 IGNORE_INDEX = -100  # torch cross-entropy's ignore_index
@@ -135,10 +151,25 @@ def _json_list_lines(text: str) -> list[int]:
         _, pos = decoder.raw_decode(text, pos)
 
 
+def _read_text(path: Path) -> str:
+    """A data file's text: UTF-8, with or without a byte-order mark (Windows tools write one)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+
+
 def _read_json_rows(path: Path) -> list[tuple[str, object]]:
     """(location, row) pairs from a JSON list or JSONL file, with line-precise errors."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix == ".jsonl":
+        if text.lstrip().startswith("["):  # JSON Lines has one object per line; a list is a .json file
+            raise DataError(
+                f"{path}: holds a JSON array, not JSON Lines (one example object per line); rename it to "
+                f"{path.with_suffix('.json').name} to read it as a JSON list of examples"
+            )
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -288,6 +319,18 @@ _LAYOUTS = {"messages": _messages_layout, "sharegpt": _sharegpt_layout, "alpaca"
 _REQUIRED = {"messages": "'messages'", "sharegpt": "'conversations'", "alpaca": "'instruction' or 'prompt'"}
 
 
+def _check_unicode(text: str, where: str) -> None:
+    """Refuse a lone surrogate (JSON allows the escape "\\ud800" without its pair): it is no character, and neither
+    the tokenizer nor the cache can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where} has a lone surrogate {text[e.start]!r} at character {e.start} (half of a UTF-16 pair, e.g. "
+            "from a JSON escape): not valid Unicode text; fix or remove the example"
+        ) from None
+
+
 def check_policy(messages: list[dict], where: str) -> None:
     """Raise `BadExample` for the first unknown role, non-alternating turn or empty reply."""
     expected = "user"
@@ -316,6 +359,8 @@ def to_messages(row: object, fmt: str, where: str) -> list[dict[str, str]]:
     if fmt != "alpaca" and ("messages" if fmt == "messages" else "conversations") not in row:
         raise DataError(f"{where}: example has no {_REQUIRED[fmt]} field ({fmt} layout)")
     messages = _LAYOUTS[fmt](row, where)
+    for m in messages:
+        _check_unicode(m["content"], f"{where}: {m['at']}")
     check_policy(messages, where)
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
@@ -502,13 +547,16 @@ def tokenize_example(
 
 
 # ---------------------------------------------------------------------------- packing
-def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+def pack_rows(lengths: Sequence[int], max_length: int, order: Sequence[int] | None = None) -> list[list[int]]:
     """Best-fit decreasing: indices of sequences grouped into rows of at most `max_length` tokens.
 
     Each sequence, longest first, goes into the open row with the least room that still fits it.
-    Deterministic: ties keep input order.
+    Deterministic: ties keep input order. With `order` (a permutation of the indices), sequences are placed in
+    that order instead (plain best fit): rows are then a sample of the sequences rather than sorted by length,
+    at a small cost in packing.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if order is None:
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (room left, row index)
     for i in order:
@@ -582,40 +630,127 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
 
 
 # ---------------------------------------------------------------------------- loaders
-class ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can start an epoch part-way through, for exact mid-epoch resume."""
+def _deal(indices: list[int], num_replicas: int, rank: int, drop_last: bool = False) -> list[int]:
+    """Rank `rank`'s share of a global order, exactly as DistributedSampler deals it: positions rank, rank + W, ...
+    after padding the order to a multiple of W by repeating it from the start (or cutting it, with drop_last)."""
+    if not indices:
+        return []
+    if drop_last:
+        indices = indices[: len(indices) - len(indices) % num_replicas]
+    else:
+        total = math.ceil(len(indices) / num_replicas) * num_replicas
+        indices = (indices * math.ceil(total / len(indices)))[:total]
+    return indices[rank::num_replicas]
 
-    resume: tuple[int, int] | None = None  # (epoch, samples to skip in that epoch)
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start an epoch part-way through, for exact mid-epoch resume.
+
+    The position is counted in the epoch's global order (the one permutation of all rows per (seed, epoch) that
+    DistributedSampler draws; rank r reads positions r, r + W, ...), so a run can resume on another number of
+    ranks or with another batch size: the rows not yet read are dealt to the new ranks the same way. An epoch
+    that is not resumed is exactly DistributedSampler's.
+    """
+
+    resume: tuple[int, int] | None = None  # (epoch, positions of that epoch's global order already read)
+
+    def global_order(self) -> list[int]:
+        """This epoch's order of all rows, before padding and dealing (DistributedSampler's)."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            return torch.randperm(len(self.dataset), generator=g).tolist()
+        return list(range(len(self.dataset)))
+
+    def left(self, skip: int) -> int:
+        """Rows this rank reads in an epoch whose first `skip` positions were read already."""
+        rest = max(0, len(self.dataset) - skip)
+        if self.drop_last:
+            return rest // self.num_replicas
+        return math.ceil(rest / self.num_replicas)
 
     def __iter__(self):
-        indices = super().__iter__()
-        if self.resume is not None and self.resume[0] == self.epoch:
-            indices = itertools.islice(indices, self.resume[1], None)
-        self.resume = None
-        return iter(indices)
+        resume, self.resume = self.resume, None
+        if resume is None or resume[0] != self.epoch:
+            return super().__iter__()
+        rest = self.global_order()[min(resume[1], len(self.dataset)) :]
+        return iter(_deal(rest, self.num_replicas, self.rank, self.drop_last))
 
 
 class ResumableLoader(DataLoader):
     """Lightning saves `state_dict()` in checkpoints and calls `load_state_dict()` on resume.
 
-    The state is the epoch and the number of batches the training loop has processed in it (taken from the
-    loop, not from this iterator, which Lightning prefetches ahead), so a resumed run sees exactly the batches
-    an uninterrupted run would.
+    The state is the epoch, the number of batches the training loop has processed in it (taken from the loop, not
+    from this iterator, which Lightning prefetches ahead) and `samples`, how many positions of the epoch's global
+    order those batches read on all ranks together. A resumed run reads exactly the rows an uninterrupted run
+    would have read next, whatever its batch size and number of ranks. States without `samples` (older
+    checkpoints) are read as taken with the current batch size and ranks.
     """
 
     trainer = None
+    # (epoch, batches, samples) this loader resumed from: the loop keeps counting batches from there, in batches
+    # of the new size, so positions read since then are counted from it.
+    _base: tuple[int, int, int] | None = None
+
+    def _per_batch(self) -> int:
+        return self.batch_size * self.sampler.num_replicas  # positions of the global order one micro-batch reads
 
     def state_dict(self) -> dict:
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
-        return {"epoch": self.sampler.epoch, "batches": done}
+        epoch, base = self.sampler.epoch, self._base
+        if base is not None and base[0] == epoch and done >= base[1]:
+            samples = base[2] + (done - base[1]) * self._per_batch()
+        else:
+            samples = done * self._per_batch()
+        return {"epoch": epoch, "batches": done, "samples": samples}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.resume = (state["epoch"], state["batches"] * self.batch_size)
+        samples = state.get("samples", state["batches"] * self._per_batch())
+        self.sampler.resume = (state["epoch"], samples)
+        self._base = (state["epoch"], state["batches"], samples)
+
+    def __len__(self) -> int:
+        # Lightning ends an epoch after len() batches, counting on from the batches the checkpoint had processed.
+        # After a resume with a larger batch size or more ranks, those were smaller batches, so make room for all
+        # the batches left (a length too large is harmless: the epoch also ends when the sampler runs out).
+        n = super().__len__()
+        if self.sampler.resume is not None and self._base is not None:
+            n = max(n, self._base[1] + math.ceil(self.sampler.left(self.sampler.resume[1]) / self.batch_size))
+        return n
 
 
 # ---------------------------------------------------------------------------- tokenize once
+# Init kwargs that say where a tokenizer was loaded from, not how it tokenizes: left out of its fingerprint so that
+# a copy of the same files in another folder shares the cache.
+_LOCATION_KWARGS = {
+    "name_or_path", "_name_or_path", "is_local", "local_files_only", "cache_dir", "vocab_file", "merges_file",
+    "tokenizer_file", "local_dir", "token", "revision", "_commit_hash", "trust_remote_code",
+}  # fmt: skip
+# Already hashed in full on their own.
+_HASHED_KWARGS = {"chat_template", "added_tokens_decoder"}
+
+
+def _plain(value):
+    """A JSON-able, address-free stand-in for a tokenizer attribute (AddedToken keeps its flags)."""
+    if hasattr(value, "content") and hasattr(value, "special"):  # tokenizers.AddedToken
+        return {
+            k: getattr(value, k, None) for k in ("content", "lstrip", "rstrip", "normalized", "single_word", "special")
+        }
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything about a tokenizer that changes its ids: class, vocabulary and rules, chat template."""
+    """A hash of everything about a tokenizer that can change its ids.
+
+    The class, the backend's vocabulary and rules, the added tokens, the chat template, the special tokens map (the
+    template renders `bos_token` / `eos_token`; all of bos/eos/unk/pad/additional are hashed) and the init kwargs
+    that steer encoding (`add_bos_token`, `add_eos_token`, `clean_up_tokenization_spaces`, ...), leaving out those
+    that only say where the files are (`name_or_path`, ...).
+    """
     import tokenizers
     import transformers
 
@@ -623,9 +758,24 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     specials = sorted((i, t.content, t.special) for i, t in tokenizer.added_tokens_decoder.items())
+    special_map = _plain(dict(getattr(tokenizer, "special_tokens_map_extended", None) or tokenizer.special_tokens_map))
+    special_map["all"] = list(getattr(tokenizer, "all_special_tokens", []))
+    special_map["ids"] = {
+        k: getattr(tokenizer, f"{k}_id", None) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+    }
+    kwargs = {k: v for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items()
+              if k not in _LOCATION_KWARGS | _HASHED_KWARGS}  # fmt: skip
+    # Switches that a loaded tokenizer may hold as attributes rather than init kwargs.
+    for name in ("add_bos_token", "add_eos_token", "add_prefix_space", "clean_up_tokenization_spaces"):
+        if hasattr(tokenizer, name):
+            kwargs[f"attr:{name}"] = getattr(tokenizer, name)
     # Library versions too: the same files can tokenize differently across releases (LlamaTokenizer did).
     parts = [type(tokenizer).__name__, transformers.__version__, tokenizers.__version__, str(tokenizer.chat_template)]
-    for part in [*parts, json.dumps(specials), state]:
+    extra = [
+        json.dumps(special_map, sort_keys=True, default=str),
+        json.dumps(_plain(kwargs), sort_keys=True, default=str),
+    ]
+    for part in [*parts, json.dumps(specials), *extra, state]:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -643,11 +793,127 @@ def cache_key(conversations: Sequence[Sequence[dict[str, str]]], tokenizer, **se
     train/validation split they came from.
     """
     h = hashlib.sha256()
-    for part in (_code_version(), tokenizer_fingerprint(tokenizer), json.dumps(settings, sort_keys=True)):
+    digest = conversations_digest(conversations)
+    for part in (_code_version(), tokenizer_fingerprint(tokenizer), json.dumps(settings, sort_keys=True), digest):
         h.update(part.encode() + b"\0")
+    return h.hexdigest()[:40]
+
+
+def conversations_digest(conversations: Sequence[Sequence[dict[str, str]]]) -> str:
+    """A sha256 of the conversations, in order (what a split holds, whatever file or layout it came from)."""
+    h = hashlib.sha256()
     for conv in conversations:
         h.update(json.dumps(conv, ensure_ascii=False).encode() + b"\n")
-    return h.hexdigest()[:40]
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- cache integrity
+# A run's temporary files in the cache folder: `tmp-<host>-<pid>-<key>.arrow` (ours) and `tmp*` (datasets' own, while
+# it writes). Left behind by killed runs; removed when their process is gone or they have not changed for this long.
+_STALE_TEMP_S = 15 * 60  # a live writer touches its file at every batch of 1,000 examples, far more often
+
+
+def _temp_prefix() -> str:
+    return f"tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale_temp_files(cache: Path) -> None:
+    ours, now = f"tmp-{socket.gethostname()}-", time.time()
+    for f in cache.glob("tmp*"):
+        pid = f.name[len(ours) :].split("-", 1)[0] if f.name.startswith(ours) else ""
+        dead = False
+        if pid.isdigit():  # ours, from this machine (a shared cache folder may serve others): is its writer alive?
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                dead = True
+            except PermissionError:  # alive, another user's
+                pass
+        try:
+            if dead or now - f.stat().st_mtime > _STALE_TEMP_S:
+                f.unlink()
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            pass
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes | None = None) -> None:
+    """Write `data` (or just flush an existing file) to `path` and fsync it."""
+    with open(path, "r+b" if data is None else "wb") as f:
+        if data is not None:
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish_cache(tmp: Path, path: Path, ds):
+    """Move a complete tokenized file into place, then record what it holds beside it; return it, re-opened."""
+    import datasets
+
+    _fsync_write(tmp)
+    record = {
+        "rows": len(ds),
+        "tokens": int(sum(ds["length"])),
+        "bytes": tmp.stat().st_size,
+        "sha256": _sha256_file(tmp),
+    }
+    os.replace(tmp, path)
+    side = path.with_suffix(".json")
+    side_tmp = path.parent / f"{_temp_prefix()}{side.name}"
+    _fsync_write(side_tmp, json.dumps(record).encode())
+    os.replace(side_tmp, side)  # written after the data: a record always describes a complete file
+    _fsync_dir(path.parent)
+    return datasets.Dataset.from_file(str(path))
+
+
+def _read_cache(path: Path):
+    """The cached dataset at `path` if it is there and is exactly what was written; None to tokenize (again)."""
+    import datasets
+
+    if not path.exists():
+        return None
+    side = path.with_suffix(".json")
+    problem = None
+    try:
+        record = json.loads(side.read_text())
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            problem = f"{size:,} bytes where {record['bytes']:,} were written"
+        elif _sha256_file(path) != record["sha256"]:
+            problem = "its checksum differs from the one recorded when it was written"
+        else:
+            ds = datasets.Dataset.from_file(str(path))
+            tokens = int(sum(ds["length"]))
+            if (len(ds), tokens) != (record["rows"], record["tokens"]):
+                problem = f"{len(ds):,} rows and {tokens:,} tokens where {record['rows']:,} and {record['tokens']:,}"
+            else:
+                return ds
+    except FileNotFoundError:
+        problem = f"no record of its contents ({side.name} is missing: a run stopped while writing it?)"
+    except Exception as e:  # unreadable record or file: anything but the cache's own word is a rebuild
+        problem = f"unreadable: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    rank_zero_info(f"[phi3lit] cache: {path} is damaged ({problem}); tokenizing again, not training on it")
+    return None
 
 
 def _features():
@@ -665,6 +931,15 @@ def _features():
             "outcome": datasets.Value("string"),
         }
     )
+
+
+# Settings that decide which conversations train and validate, and in what order, kept in checkpoints to compare
+# on resume. Not batch_size (a resume may change it) nor anything the data digests already cover.
+_FINGERPRINT_SETTINGS = ("seed", "val_fraction", "val_file", "max_length", "train_on", "truncation", "format")
+
+
+def _data_digest(conversations: Sequence) -> str:
+    return f"{len(conversations)} conversations, sha256 {conversations_digest(conversations)[:16]}"
 
 
 class PackedRows(Sequence):
@@ -765,6 +1040,11 @@ class ChatDataModule(L.LightningDataModule):
         self.rows: dict[str, Sequence] = {}
         self.stats: dict[str, dict[str, int]] = {}
         self.tokenized: dict = {}  # split -> tokenized `datasets.Dataset`, one row per example, for `describe`
+        self._train_loader: ResumableLoader | None = None  # the latest, for `state_dict`
+        self._position: dict | None = None  # a checkpoint's training position, until the train loader exists
+        self._fingerprint: dict | None = None  # the data, split and order settings of `fit`, kept in checkpoints
+        # Resume even if the checkpoint's fingerprint differs (the CLI's --accept_changes sets it).
+        self.accept_changes = False
 
     def load_tokenizer(self):
         if self.tokenizer is None:
@@ -818,21 +1098,35 @@ class ChatDataModule(L.LightningDataModule):
                 out["outcome"].append(outcome)
             return out
 
-        ds = datasets.Dataset.from_dict({"messages": conversations}).map(
-            encode,
-            batched=True,
-            remove_columns=["messages"],
-            features=_features(),
-            cache_file_name=str(cache / f"{key}.arrow"),
-            load_from_cache_file=True,
-            new_fingerprint=key,
-            desc=f"tokenize {name}",
-        )
+        _remove_stale_temp_files(cache)
+        path = cache / f"{key}.arrow"
+        ds = _read_cache(path)
+        if not conversations:  # e.g. everything held out for validation; `map` would drop the columns
+            ds = datasets.Dataset.from_dict({k: [] for k in _features()}, features=_features())
+        elif ds is None:
+            tmp = cache / f"{_temp_prefix()}{key}.arrow"  # renamed into place only once complete and on disk
+            ds = datasets.Dataset.from_dict({"messages": conversations}).map(
+                encode,
+                batched=True,
+                remove_columns=["messages"],
+                features=_features(),
+                cache_file_name=str(tmp),
+                load_from_cache_file=False,
+                new_fingerprint=key,
+                desc=f"tokenize {name}",
+            )
+            ds = _publish_cache(tmp, path, ds)
         self.tokenized[name] = ds
         outcomes = list(ds["outcome"])
         lengths, trained = list(ds["length"]), list(ds["trained"])
         kept = [i for i, o in enumerate(outcomes) if o in (KEPT, TRUNCATED)]
-        packed = pack_rows([lengths[i] for i in kept], hp.max_length)
+        order = None
+        if name in ("val", "test"):
+            # Best-fit decreasing would put the longest conversations in the first rows, which are all that a
+            # `limit_val_batches` scores (evaluation is never shuffled). Placing them in a seeded random order,
+            # fixed for the run, makes any first rows a fair sample, and the same one at every validation.
+            order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(hp.seed)).tolist()
+        packed = pack_rows([lengths[i] for i in kept], hp.max_length, order)
         rows = PackedRows(ds, [[kept[j] for j in row] for row in packed], locations)
 
         counts = Counter(outcomes)
@@ -871,6 +1165,18 @@ class ChatDataModule(L.LightningDataModule):
             + (f"tokenized {s['tokenized']} now" if s["tokenized"] else "token ids read from the cache")
         )
 
+    def _nothing_to_train(self, s: dict[str, int], held_out: int) -> str:
+        hp = self.hparams
+        why = ", ".join(f"{k[len('skipped_') :]} {v}" for k, v in s.items() if k.startswith("skipped_") and v)
+        total = s["examples"] + held_out
+        return (
+            f"{hp.train_file}: nothing to train on: {total} examples, {held_out} held out for validation, "
+            f"{s['skipped']} skipped{f' ({why})' if why else ''}, {s['dropped']} dropped (over data.max_length="
+            f"{hp.max_length} tokens) -> 0 packed training rows. Check data.max_length, data.truncation (truncate "
+            "keeps the start of long conversations), data.on_bad_example, data.val_fraction, and that examples "
+            "have assistant replies"
+        )
+
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if stage in ("fit", "validate") and "train" not in self.rows:
@@ -886,9 +1192,18 @@ class ChatDataModule(L.LightningDataModule):
                 val, val_at = [train[i] for i in perm[:n_val]], [train_at[i] for i in perm[:n_val]]
                 keep = sorted(perm[n_val:])
                 train, train_at = [train[i] for i in keep], [train_at[i] for i in keep]
+            self._fingerprint = {
+                **{k: hp[k] for k in _FINGERPRINT_SETTINGS},
+                "train_data": _data_digest(train),
+                "val_data": _data_digest(val),
+            }
             # Examples skipped while reading a file that is then split count against the training split.
             self.rows["train"] = self._tokenize(train, "train", read, train_at)
             self.rows["val"] = self._tokenize(val, "val", val_bad, val_at) if val else []
+            if stage == "fit" and self.trainer is not None and not self.rows["train"]:
+                # Lightning would skip an empty epoch, save an untrained adapter and exit 0.
+                held_out = 0 if hp.val_file else len(val)
+                raise DataError(self._nothing_to_train(self.stats["train"], held_out))
         if stage == "test" and "test" not in self.rows:
             if not hp.test_file:
                 raise DataError("data.test_file is not set; `test` needs a test file")
@@ -928,10 +1243,78 @@ class ChatDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.hparams.seed),  # keep the global RNG untouched
         )
         loader.trainer = trainer
+        if name in ("val", "test"):
+            self._log_limited(name, sampler)
         return loader
 
+    def _log_limited(self, name: str, sampler: DistributedSampler) -> None:
+        """Say exactly what a `limit_val_batches` / `limit_test_batches` below the whole split scores."""
+        key = f"limit_{name}_batches"
+        limit = getattr(self.trainer, key, None)
+        rows, bs = self.rows[name], self.hparams.batch_size
+        batches = math.ceil(sampler.num_samples / bs)  # per rank; drop_last is off
+        if limit is None or batches == 0:
+            return
+        # Lightning's reading of the limit: an int caps the batches per rank, a float is a share of them.
+        scored = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        if scored >= batches:
+            return
+        padded = [i % len(rows) for i in range(sampler.total_size)]  # DistributedSampler repeats the first rows
+        seen = set()
+        for rank in range(sampler.num_replicas):  # rank r reads rows r, r + W, ... of the (fixed) order
+            seen.update(padded[rank :: sampler.num_replicas][: scored * bs])
+        convs = sum(len(rows.index[i]) for i in seen)
+        total = sum(len(r) for r in rows.index)
+        rank_zero_info(
+            f"[phi3lit] {name}: {key}={limit} scores {len(seen)} of {len(rows)} packed rows (a seeded random subset"
+            f"{', the same at every validation' if name == 'val' else ''}): {convs} of {total} conversations"
+        )
+
     def train_dataloader(self):
-        return self._loader("train", shuffle=True)
+        loader = self._loader("train", shuffle=True)
+        if self._position is not None:  # before Lightning takes the loader's length: see ResumableLoader.__len__
+            loader.load_state_dict(self._position)
+            epoch, done = loader.sampler.resume
+            rank_zero_info(
+                f"[phi3lit] train: resuming epoch {epoch} after {min(done, len(self.rows['train']))} of its "
+                f"{len(self.rows['train'])} packed rows; the rest in batches of {self.hparams.batch_size} on "
+                f"{loader.sampler.num_replicas} device(s)"
+            )
+            self._position = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints by Lightning: the training position (as the loader's own state, which Lightning also
+        saves but restores only after it has taken the loader's length) and the fingerprint of the data, the split
+        and the order settings."""
+        state = {}
+        if self._train_loader is not None:
+            state["train_position"] = self._train_loader.state_dict()
+        if self._fingerprint is not None:
+            state["fingerprint"] = dict(self._fingerprint)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Called by Lightning on resume, after `setup` and before `train_dataloader`.
+
+        Resuming `fit` on other data, another split or order (a different fingerprint) raises `CheckpointError`
+        listing each difference, unless `accept_changes` is set. `batch_size` and the number of devices may change.
+        """
+        fitting = self.trainer is not None and getattr(self.trainer.state, "fn", None) == "fit"
+        saved = state.get("fingerprint")
+        if fitting and saved and self._fingerprint and not self.accept_changes:
+            changed = [
+                f"data.{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+                for k, v in self._fingerprint.items()
+                if k in saved and saved[k] != v
+            ]
+            if changed:
+                raise CheckpointError(
+                    "the checkpoint was trained on other data or data settings, so resuming would not continue "
+                    f"its data order: {'; '.join(changed)}. Pass --accept_changes true to resume anyway"
+                )
+        self._position = state.get("train_position")
 
     def val_dataloader(self):
         return self._loader("val", shuffle=False) if self.rows.get("val") else []
@@ -999,7 +1382,7 @@ def describe(dm: ChatDataModule, split: str = "train", example: int = 0) -> str:
         f"  settings       format {hp.format}, max_length {hp.max_length}, train_on {hp.train_on}, "
         f"truncation {hp.truncation}, on_bad_example {hp.on_bad_example}",
     ]
-    if split not in dm.stats:
+    if split not in dm.stats or not len(dm.tokenized[split]):
         return "\n".join([*lines, "  no examples"])
     s, ds = dm.stats[split], dm.tokenized[split]
     slots = max(1, s["slots"])
