@@ -457,7 +457,9 @@ class Phi3LoRA(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["phi3lit"] = {"pretrained": self.hparams.pretrained, "lora": asdict(self.lora)}
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        # The latest metrics ride along for the exported adapter's model card.
+        checkpoint["phi3lit"] = {"pretrained": self.hparams.pretrained, "lora": asdict(self.lora), "metrics": metrics}
         checkpoint["rng"] = rng_states()  # Lightning does not save them; LoRA dropout needs them to resume exactly
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
