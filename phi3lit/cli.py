@@ -49,9 +49,11 @@ class RunConfig(SaveConfigCallback):
     """Writes the resolved config to `<run>/config.yaml` (beside the checkpoints) and `tb/config.yaml`, and logs
     it with the LoRA facts to TensorBoard's HPARAMS tab, so runs can be sorted and compared there."""
 
+    resuming = False  # set by the CLI once `--ckpt_path` is known to name a checkpoint
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         root = Path(trainer.default_root_dir)
-        if stage == "fit" and self.config.get("ckpt_path"):  # a resume: the original config.yaml stays as it was
+        if stage == "fit" and self.resuming:  # a resume: the original config.yaml stays as it was
             if trainer.is_global_zero:
                 n = 1 + sum(1 for _ in root.glob("config-resume-*.yaml"))
                 self.parser.save(self.config, root / f"config-resume-{n}.yaml", skip_none=False, overwrite=True)
@@ -75,7 +77,8 @@ class RunConfig(SaveConfigCallback):
         }  # fmt: skip
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                log_hparams_to_tensorboard(logger, flat)
+                if trainer.is_global_zero:  # other ranks hold a stand-in experiment that writes nothing
+                    log_hparams_to_tensorboard(logger, flat)
             else:  # CSV, W&B, MLflow, ...: the parameters; the hp/* results arrive as metrics at the end of fit
                 logger.log_hyperparams(flat)
 
@@ -136,10 +139,15 @@ class Phi3LitCLI(LightningCLI):
             return
         if ckpt_path == "last":
             path = Path(_checkpoint_dir(config.trainer.default_root_dir)) / "last.ckpt"
-            if not path.is_file():
-                raise CheckpointError(f"--ckpt_path last: no {path}; nothing to resume in this run folder")
+            if not path.is_file():  # a requeued job's first start (or a kill before the first checkpoint)
+                rank_zero_info(f"[phi3lit] --ckpt_path last: no {path} yet; starting from the beginning")
+                self.config_init.fit.ckpt_path = None
+                return
             self.config_init.fit.ckpt_path = str(path)  # never another run's last-vN.ckpt
-        elif ckpt_path in ("best", "hpc", "registry") or not Path(ckpt_path).suffix:
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, RunConfig):
+                cb.resuming = True
+        if ckpt_path in ("best", "hpc", "registry") or not Path(self.config_init.fit.ckpt_path).suffix:
             return
         saved = read_checkpoint(self.config_init.fit.ckpt_path).get("phi3lit_config")
         if saved is None:  # written before phi3lit saved its config in checkpoints

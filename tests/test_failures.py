@@ -230,7 +230,8 @@ def test_lora_mismatch_lists_the_difference(small_data, tmp_path, capsys):
     before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
     args = fit_cmd(small_data, tmp_path, "--ckpt_path", "last", "--model.lora.r", "8")[3:]
     err = explain(capsys, args)
-    assert "checkpoint LoRA config differs from this run's: model.lora.r: checkpoint 16, config 8" in err
+    assert "phi3lit: checkpoint error: this resume changes settings saved in the checkpoint" in err
+    assert "model.lora.r: checkpoint 16, now 8 (changes what is being trained mid-run)" in err
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
