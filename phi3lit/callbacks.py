@@ -19,7 +19,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from phi3lit.checkpoint import AtomicCheckpointIO
 from phi3lit.data import IGNORE_INDEX
 from phi3lit.errors import EnvironmentProblem
-from phi3lit.export import finish_adapter_folder
+from phi3lit.export import finish_adapter_folder, format_report
 
 
 class SaveAdapter(L.Callback):
@@ -70,7 +70,7 @@ class SaveAdapter(L.Callback):
             if datamodule is not None:
                 facts["datamodule_hyper_parameters"] = dict(datamodule.hparams)
             facts["phi3lit"] = {"metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
-            finish_adapter_folder(tmp, pl_module, checkpoint=facts)
+            report = finish_adapter_folder(tmp, pl_module, checkpoint=facts)
             if out.exists():
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
                 out.rename(old)
@@ -88,6 +88,7 @@ class SaveAdapter(L.Callback):
                 f"{Path(ckpt) / 'last.ckpt'} --out {out}"
             ) from None
         rank_zero_info(f"[phi3lit] adapter saved to {out} (load with peft.PeftModel.from_pretrained(base, path))")
+        rank_zero_info(format_report(report, out))  # which clients take it as it is, and when to `export` first
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -95,7 +96,7 @@ class PredictionWriter(BasePredictionWriter):
         """
         Args:
             filename: file under `trainer.default_root_dir` for `predict`: each row is the prompt's
-                `messages` plus the generated `reply`.
+                `messages` plus the generated `reply` (and `reference`: the reply the prompt file already had, if any).
         """
         super().__init__(write_interval="batch")
         self.filename = filename
@@ -117,8 +118,12 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         with open(self.path, "a") as f:
-            for messages, reply in zip(batch["messages"], prediction, strict=True):
-                f.write(json.dumps({"messages": messages, "reply": reply}) + "\n")
+            references = batch.get("references") or [None] * len(prediction)
+            for messages, reply, reference in zip(batch["messages"], prediction, references, strict=True):
+                row = {"messages": messages, "reply": reply}
+                if reference is not None:  # the conversation's own answer, kept beside the model's
+                    row["reference"] = reference
+                f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -302,7 +307,8 @@ def plot_curves(trainer) -> Path | None:
             steps, values = zip(*scalars[tag], strict=True)
             ax_loss.plot(steps, values, style, label=tag)
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
-    ax_loss.legend()
+    if ax_loss.get_legend_handles_labels()[0]:  # a run shorter than log_every_n_steps has no curve yet
+        ax_loss.legend()
     if "train/lr" in scalars:
         steps, values = zip(*scalars["train/lr"], strict=True)
         ax_lr.plot(steps, values)
@@ -522,6 +528,28 @@ class ProgressLog(L.Callback):
             lines.append(f"  adapter     {root / adapter.dirname}")
             lines.append(f"  next        python -m phi3lit chat --adapter {root / adapter.dirname}")
         print("\n".join(lines), flush=True)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The progress bar in optimizer steps of the whole run (`step 40/150`, ETA to the end), not per epoch.
+
+    Lightning's bars count batches of the current epoch and label them `Epoch 0/-2` when the run is bounded by
+    `max_steps`; phi3lit runs are step-based, so the bar shows what the schedule and checkpoints count.
+    """
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches))
+        bar.n = trainer.global_step
+        bar.set_description("step")
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        if bar.n != trainer.global_step:  # once per optimizer step, not per micro-batch
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
 
 
 def _duration(seconds: float) -> str:

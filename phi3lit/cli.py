@@ -172,8 +172,8 @@ class Phi3LitCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_values(config)
+        check_strategy(config)  # config errors first: they hold on any machine
         check_devices(config)
-        check_strategy(config)
         if config.allocator == "keep":  # before the model's weights are allocated
             keep_freed_memory()
         if self.subcommand == "fit":  # before any logger or callback creates folders in it
@@ -185,6 +185,11 @@ class Phi3LitCLI(LightningCLI):
                 config.checkpoint.save_last = False
         if config.trainer.enable_progress_bar is None and not sys.stdout.isatty():
             config.trainer.enable_progress_bar = False  # a bar redrawn into a log file is noise: ProgressLog's lines
+        callbacks = config.trainer.callbacks or []
+        own_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
+        if config.trainer.enable_progress_bar is not False and not own_bar:  # steps of max_steps, not epochs
+            bar = Namespace(class_path="phi3lit.callbacks.StepProgressBar", init_args=Namespace())
+            config.trainer.callbacks = [*callbacks, bar]
         # TensorBoard in the run folder by default (Lightning's default would be version_N folders).
         trainer = config.trainer
         if trainer.logger in (None, True):
@@ -260,6 +265,11 @@ def check_devices(config) -> None:
             "measured ~40x slower than 32-true on a 2-core CPU); 32-true is the CPU setting, bf16 is for GPUs"
         )
     strategy = str(config.trainer.strategy).lower()
+    if "fsdp" in strategy and not cuda:
+        raise EnvironmentProblem(
+            "trainer.strategy is FSDP, which Lightning runs only on CUDA GPUs: on this machine use "
+            "configs/strategy/ddp.yaml (several CPU processes with gloo) or no strategy"
+        )
     if "deepspeed" in strategy and importlib.util.find_spec("deepspeed") is None:
         raise EnvironmentProblem(
             "trainer.strategy uses DeepSpeed, which is not installed: pip install 'phi3lit[deepspeed]'"
@@ -291,7 +301,8 @@ COMMANDS = {  # name: what it does, for the top-level --help
     "validate": "val loss of a checkpoint or adapter on the validation data",
     "test": "the same on data.test_file",
     "predict": "answer data.predict_file's prompts; writes <run>/predictions.jsonl",
-    "data": "what the data becomes: counts, lengths, packing, and an example with its trained tokens marked",
+    "data": "what the data becomes: counts, lengths, packing, and an example with its trained tokens marked "
+    "(--show N|longest|truncated, --split train|val|test)",
     "plan": "parameter counts and a memory estimate for a config, without weights or a GPU",
     "export": "a checkpoint as a stock peft adapter (fused or split) or a merged model",
     "chat": "talk to an adapter or a merged model in the terminal",
@@ -316,6 +327,29 @@ def _function_cli(fn, name: str, args: list[str]):
     from jsonargparse import CLI
 
     return CLI(fn, args=args, as_positional=False, prog=f"phi3lit {name}")
+
+
+def _data_options(argv: list[str]) -> tuple[list[str], int | str, str]:
+    """`data`'s own options, taken out before the fit config is parsed: --show N|longest|truncated, --split."""
+    show, split, rest, i = 0, "train", [], 0
+    while i < len(argv):
+        key, _, value = argv[i].partition("=")
+        if key in ("--show", "--split") and argv[0] == "data":
+            if not value:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            if key == "--split":
+                if value not in ("train", "val", "test"):
+                    raise ConfigError(f"data --split must be train, val or test, got {value!r}")
+                split = value
+            elif value in ("longest", "truncated") or value.isdigit():
+                show = int(value) if value.isdigit() else value
+            else:
+                raise ConfigError(f"data --show takes an example index, longest or truncated, got {value!r}")
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, show, split
 
 
 def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
@@ -348,6 +382,7 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
         _function_cli(tiny, "tiny", argv[1:])
         return
     if command in ("data", "plan"):  # the fit config, parsed without running: inspect before spending GPU hours
+        argv, show, split = _data_options(argv)
         with warnings.catch_warnings():  # Lightning warns that `args` is meant for notebooks; here it is the CLI
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             cli = Phi3LitCLI(
@@ -361,8 +396,7 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
         if command == "data":
             from phi3lit.data import describe
 
-            cli.datamodule.setup("fit")
-            print(describe(cli.datamodule, "train"))
+            print(describe(cli.datamodule, split, show))
         else:
             from phi3lit.plan import plan_from_cli
 

@@ -1213,7 +1213,8 @@ class ChatDataModule(L.LightningDataModule):
         if stage == "predict" and "predict" not in self.rows:
             if not hp.predict_file:
                 raise DataError("data.predict_file is not set; `predict` needs prompts")
-            self.rows["predict"] = [prompt_of(c) for c in self._read(hp.predict_file, hp.split).conversations]
+            conversations = self._read(hp.predict_file, hp.split).conversations
+            self.rows["predict"] = [(prompt_of(c), reference_of(c)) for c in conversations]
 
     def _pin_memory(self) -> bool:
         if self.hparams.pin_memory is not None:
@@ -1327,12 +1328,26 @@ class ChatDataModule(L.LightningDataModule):
 
         tok = self.load_tokenizer()
 
-        def collate_prompts(prompts):  # left padding, so every reply starts right after its prompt
+        def collate_prompts(rows):  # left padding, so every reply starts right after its prompt
+            prompts, references = zip(*rows, strict=True)
             ids = [tokenize_chat(p, tok, add_generation_prompt=True)["input_ids"] for p in prompts]
             input_ids, attention_mask = left_pad(ids, tok.unk_token_id or 0)
-            return {"input_ids": input_ids, "attention_mask": attention_mask, "messages": prompts}
+            return {
+                "input_ids": input_ids, "attention_mask": attention_mask, "messages": list(prompts),
+                "references": list(references),
+            }  # fmt: skip
 
         return DataLoader(self.rows["predict"], batch_size=self.hparams.batch_size, collate_fn=collate_prompts)
+
+
+def reference_of(messages: list[dict[str, str]]) -> str | None:
+    """The reply a conversation already has after its last user turn (what `predict` is compared with), if any."""
+    trailing = []
+    for m in reversed(messages):
+        if m["role"] != "assistant":
+            break
+        trailing.append(m["content"])
+    return "\n".join(reversed(trailing)) if trailing else None
 
 
 def prompt_of(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -1364,11 +1379,12 @@ def render_trained(ids: Sequence[int], labels: Sequence[int], tokenizer, mark: t
     return "".join(out)
 
 
-def describe(dm: ChatDataModule, split: str = "train", example: int = 0) -> str:
+def describe(dm: ChatDataModule, split: str = "train", example: int | str = 0) -> str:
     """A printable report on one split: counts, lengths, packing, and one example with trained tokens in [[ ]].
 
     Sets the data module up for the split if needed. `example` indexes the split's examples as tokenized
-    (after the validation hold-out and anything skipped while reading).
+    (after the validation hold-out and anything skipped while reading), or picks one: `longest` (before
+    truncation) or `truncated` (the one that lost the most tokens to max_length).
     """
     stages = {"train": "fit", "val": "fit", "test": "test"}
     if split not in stages:
@@ -1402,10 +1418,18 @@ def describe(dm: ChatDataModule, split: str = "train", example: int = 0) -> str:
         f"{s['real_tokens'] / slots:.1%} real, {s['trained_tokens'] / slots:.1%} trained",
         f"  tokenized      {cached}",
     ]
-    if not 0 <= example < len(ds):
+    if example in ("longest", "truncated"):
+        full, kept = list(ds["full_length"]), list(ds["length"])
+        lost = [f - k if o == TRUNCATED else -1 for f, k, o in zip(full, kept, ds["outcome"], strict=True)]
+        score = full if example == "longest" else lost
+        if example == "truncated" and max(score, default=-1) < 0:
+            return "\n".join([*lines, "", "no example was truncated"])
+        example = max(range(len(score)), key=score.__getitem__)
+    if not isinstance(example, int) or not 0 <= example < len(ds):
         return "\n".join([*lines, f"example {example}: out of range (0..{len(ds) - 1})"])
     row = ds[example]
-    head = f"example {example}: {row['outcome']}, {row['length']:,} tokens, {row['trained']:,} trained"
+    before = f" ({row['full_length']:,} before truncation)" if row["full_length"] != row["length"] else ""
+    head = f"example {example}: {row['outcome']}, {row['length']:,} tokens{before}, {row['trained']:,} trained"
     if not row["input_ids"]:
         return "\n".join([*lines, "", f"{head} (left out of training, so nothing to show)"])
     text = render_trained(row["input_ids"], row["labels"], dm.load_tokenizer())

@@ -143,10 +143,8 @@ class Phi3LoRA(L.LightningModule):
         """
         super().__init__()
         for key, value in (("lr", lr), ("min_lr_ratio", min_lr_ratio), ("warmup_ratio", warmup_ratio)):
-            if not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
-                raise ConfigError(
-                    f"model.{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {value}"
-                )
+            if not math.isfinite(value) or value < 0:  # lr 0 is allowed: it keeps the adapter as it is
+                raise ConfigError(f"model.{key} must be a finite number >= 0, got {value}")
         if weight_decay < 0 or not math.isfinite(weight_decay) or not all(0 <= b < 1 for b in betas):
             raise ConfigError(f"model.weight_decay must be >= 0 and model.betas in [0, 1), got {weight_decay}, {betas}")
         for key, value in (

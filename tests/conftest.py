@@ -53,3 +53,13 @@ def run_dir(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trainable params: 114,688" in proc.stdout + proc.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """The first 60 shipped tiny chats: a few packed batches, so a CLI fit of a few steps takes seconds."""
+    from phi3lit.tiny import TINY_DATA
+
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("".join(TINY_DATA.read_text().splitlines(keepends=True)[:60]))
+    return path

@@ -18,17 +18,9 @@ from conftest import ROOT
 
 from phi3lit.checkpoint import atomic_torch_save
 from phi3lit.cli import main
-from phi3lit.tiny import TINY_DATA
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text("".join(TINY_DATA.read_text().splitlines(keepends=True)[:60]))
-    return path
 
 
 def fit_cmd(data, root, *extra):
@@ -309,9 +301,9 @@ def test_fp8_precision_needs_a_gpu(small_data, tmp_path, capsys):
         (["--data.max_length", "5000"], "data.max_length=5000 exceeds the model's 1024 positions"),
         (["--data.batch_size", "0"], "data.batch_size must be at least 1, got 0"),
         (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be at least 1, got 0"),
-        (["--model.lr=-1e-3"], "model.lr must be a finite number > 0, got -0.001"),
-        (["--model.lr", ".nan"], "model.lr must be a finite number > 0, got nan"),  # YAML's NaN
-        (["--model.lr", ".inf"], "model.lr must be a finite number > 0, got inf"),
+        (["--model.lr=-1e-3"], "model.lr must be a finite number >= 0, got -0.001"),
+        (["--model.lr", ".nan"], "model.lr must be a finite number >= 0, got nan"),  # YAML's NaN
+        (["--model.lr", ".inf"], "model.lr must be a finite number >= 0, got inf"),
         (["--trainer.max_steps", "0"], "trainer.max_steps=0 trains nothing"),
         (["--data.val_fraction", "0.999"], "data.val_fraction=0.999 holds out more than half"),
         (["--model.lora.r", "100000"], "model.lora.r=100000 is above min(in, out)=256 of qkv_proj (256, 256)"),

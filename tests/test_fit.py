@@ -72,6 +72,7 @@ def test_predict_writes_one_reply_per_prompt(run_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(isinstance(r["reply"], str) for r in rows)
     assert rows[1]["messages"] == [{"role": "user", "content": "Count from 1 to 4."}]  # trailing reply dropped
+    assert rows[1]["reference"] == "x" and "reference" not in rows[0]  # ... and kept beside the model's reply
 
 
 def test_test_subcommand_logs_token_weighted_loss(run_dir, tmp_path):

@@ -13,16 +13,8 @@ from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from phi3lit.cli import main
-from phi3lit.tiny import TINY_DATA
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("d") / "d.jsonl"
-    path.write_text("".join(TINY_DATA.read_text().splitlines(keepends=True)[:60]))
-    return path
 
 
 def args(data, root, *extra):
@@ -42,8 +34,11 @@ def csv_metrics(save_dir) -> list[dict]:
     return list(csv.DictReader(path.open()))
 
 
-def test_fit_with_csv_logger(small_data, tmp_path):
-    main(args(small_data, tmp_path / "run", "--trainer.logger", json.dumps(csv_logger(tmp_path / "csv"))))
+def test_fit_with_csv_logger(small_data, tmp_path, capfd):
+    bar = ["--trainer.enable_progress_bar", "true"]  # and the bar counts steps of max_steps, not epochs
+    main(args(small_data, tmp_path / "run", "--trainer.logger", json.dumps(csv_logger(tmp_path / "csv")), *bar))
+    out = capfd.readouterr().out
+    assert "step: 100%" in out and "| 4/4 [" in out and "Epoch 0" not in out
     rows = csv_metrics(tmp_path / "csv")
     assert any(r.get("train/loss") for r in rows) and any(r.get("val/loss") for r in rows)
     assert any(r.get("hp/val_loss") for r in rows)  # the end-of-fit results reach every logger
@@ -164,3 +159,20 @@ def test_fast_dev_run_checks_one_step_and_writes_nothing(small_data, tmp_path, c
     assert sorted(p.name for p in root.iterdir()) == [".phi3lit.lock"]  # no checkpoint, adapter, logs or config
     main(args(small_data, root))  # the real run then starts in the same folder
     assert (root / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_data_shows_the_example_asked_for(capsys):
+    """`data --show longest|truncated|N`: the report's longest example is the one shown, with its marked spans."""
+    base = ["data", "--config", TINY, "--data.max_length", "128"]
+    main([*base, "--show", "longest"])
+    out = capsys.readouterr().out
+    longest = int(out.split(" tokens before truncation")[0].rsplit("max ", 1)[1].replace(",", ""))
+    assert f"({longest:,} before truncation)" in out and "[[" in out
+    main([*base, "--show", "truncated", "--split", "val"])
+    val = capsys.readouterr().out
+    assert "val split of" in val and (": truncated, " in val or "no example was truncated" in val)
+    main([*base, "--show", "3"])
+    assert "\nexample 3: " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--show", "shortest"])
+    assert e.value.code == 2 and "data --show takes an example index, longest or truncated" in capsys.readouterr().err

@@ -13,17 +13,9 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from phi3lit.cli import main
-from phi3lit.tiny import TINY_DATA
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--samples.prompts", "[]", "--data.max_length", "128"]
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("d") / "d.jsonl"
-    path.write_text("".join(TINY_DATA.read_text().splitlines(keepends=True)[:80]))
-    return path
 
 
 def fit(data, root, *extra):

@@ -82,12 +82,18 @@ def needs(config: str):
         pytest.skip("QLoRA needs bitsandbytes (pip install 'phi3lit[qlora]'); it quantizes on the CPU too")
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_every_shipped_config_runs_as_shipped_and_each_setting_takes_effect(config, data, tmp_path):
+OVERLAYS = {"ddp.yaml": ["--trainer.devices", "2"]}  # strategies that run on a CPU (gloo); 2 processes
+CASES = [(c, None) for c in CONFIGS] + [("phi3-mini-4k-lora.yaml", overlay) for overlay in OVERLAYS]
+
+
+@pytest.mark.parametrize("config, overlay", CASES, ids=[f"{c}+{o}" if o else c for c, o in CASES])
+def test_every_shipped_config_runs_as_shipped_and_each_setting_takes_effect(config, overlay, data, tmp_path):
     needs(config)
     cfg = shipped(config)
-    steps, output = fit_with_output(config, data, tmp_path / "run")
-    assert [s["step"] for s in steps][:3] == [1, 2, 3]
+    files = (f"strategy/{overlay}",) if overlay else ()
+    extra = OVERLAYS.get(overlay, [])
+    steps, output = fit_with_output(config, data, tmp_path / "run", *extra, config_files=files)
+    assert [s["step"] for s in steps][:3] == [1, 2, 3]  # rank 0's steps (the probe writes there only)
     # Counts are of the weights the model stands for, 4-bit packed ones included (QLoRA): the tiny model's
     # 1,574,144 base parameters plus 114,688 LoRA ones, whatever the storage.
     assert "trainable params: 114,688 || all params: 1,688,832" in output
@@ -110,6 +116,19 @@ def test_every_shipped_config_runs_as_shipped_and_each_setting_takes_effect(conf
     if clip:
         assert all(s["grad_norm_after_clip"] <= clip * (1 + 1e-4) for s in steps)
     assert adapter_moved(tmp_path / "run")
+
+
+@pytest.mark.parametrize("fragment", ["fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_gpu_only_strategies_say_so_on_a_cpu(fragment, data, tmp_path):
+    """The overlays that cannot run here fail before loading anything, with one line naming what they need."""
+    if "deepspeed" in fragment and importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here: the GPU checks in tests/test_gpu.py cover it")
+    strategy = ["--config", str(ROOT / "configs" / "strategy" / fragment)]
+    cmd = [sys.executable, "-m", "phi3lit", "fit", "--config", str(ROOT / "configs" / "phi3-mini-4k-lora.yaml")]
+    cmd += [*strategy, *shrink("phi3-mini-4k-lora.yaml", data, tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "phi3lit: environment error: trainer.strategy" in proc.stderr  # FSDP: GPUs only; DeepSpeed: the extra
 
 
 def test_gradient_checkpointing_keeps_fewer_activations(data, tmp_path):
@@ -159,3 +178,14 @@ def test_fp16_mixed_with_a_real_grad_scaler_and_the_shipped_clipping(data, tmp_p
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 8
     assert adapter_moved(tmp_path / "run")
+
+
+def test_bf16_true_through_the_cli_keeps_lora_and_adamw_in_fp32(data, tmp_path):
+    """`trainer.precision=bf16-true` casts the whole module; phi3lit brings LoRA (and so AdamW's state) back to fp32."""
+    steps = fit("tiny.yaml", data, tmp_path / "run", "--trainer.precision", "bf16-true", "--trainer.max_steps", "2")
+    assert {d for s in steps for d in s["matmul_dtypes"]} == {"torch.bfloat16"}
+    assert {d for s in steps for d in s["base_dtypes"]} == {"torch.bfloat16"}
+    assert {d for s in steps for d in s["lora_dtypes"]} == {"torch.float32"}
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    state = ckpt["optimizer_states"][0]["state"]
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
