@@ -340,6 +340,9 @@ class Phi3LoRA(L.LightningModule):
             optimizer.found_inf = bad.float()
         self._unchecked.append((self.trainer.global_step, bad, loss, norm, self._step_sources))
         self.log("train/loss", loss, prog_bar=True)
+        # Lightning takes a logged "step" as the x of every metric logged with it: the count of optimizer steps
+        # done including this one, so step 50 in TensorBoard is the state checkpoints/step=000050.ckpt holds.
+        self.log("step", float(self.trainer.global_step + 1))
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         self.log("train/grad_norm", norm)
 
@@ -406,6 +409,7 @@ class Phi3LoRA(L.LightningModule):
         tokens = self.val_tokens.compute().clamp_min(1)
         loss = self.val_loss_sum.compute() / tokens
         self.log(f"{prefix}/loss", loss, prog_bar=True)
+        self.log("step", float(self.trainer.global_step))  # the x of the state evaluated (see on_before_optimizer_step)
         self.log(f"{prefix}/ppl", torch.exp(loss))
         self.log(f"{prefix}/token_acc", self.val_correct.compute() / tokens)
         for metric in (self.val_loss_sum, self.val_tokens, self.val_correct):

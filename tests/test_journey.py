@@ -60,6 +60,10 @@ def test_fit_with_a_list_of_loggers(small_data, tmp_path):
     assert "train/loss" in acc.Tags()["scalars"] and acc.Tensors("samples/text_summary")
     # hp/* values exist only at the end of fit, never as a made-up 0 at step 0.
     assert [e.step for e in acc.Scalars("hp/val_loss")] == [4]
+    # Every scalar's step is the optimizer steps done, as in the checkpoints' names (step=000004.ckpt holds step 4).
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("val/loss")] == [2, 4]
+    assert "step" not in acc.Tags()["scalars"]
     assert (tmp_path / "run" / "curves.png").exists()
 
 

@@ -64,8 +64,8 @@ def test_validation_time_is_not_counted_as_training_time(small_data, tmp_path):
     acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     speed = {e.step: e.value for e in acc.Scalars("train/tokens_per_sec")}
-    after_validation = speed[4]  # logged at the end of step 5 (0-based 4), its window holds the validation
-    others = statistics.median(v for s, v in speed.items() if s not in (0, 4))
+    after_validation = speed[5]  # logged at step 5, whose window holds the validation after step 4
+    others = statistics.median(v for s, v in speed.items() if s not in (1, 5))
     assert after_validation > 0.4 * others, speed  # 2 s of validation would cut it to a fraction
 
 
