@@ -1428,7 +1428,7 @@ def describe(dm: ChatDataModule, split: str = "train", example: int | str = 0) -
     if not isinstance(example, int) or not 0 <= example < len(ds):
         return "\n".join([*lines, f"example {example}: out of range (0..{len(ds) - 1})"])
     row = ds[example]
-    before = f" ({row['full_length']:,} before truncation)" if row["full_length"] != row["length"] else ""
+    before = f" ({row['full_length']:,} before truncation)" if row["outcome"] == TRUNCATED else ""
     head = f"example {example}: {row['outcome']}, {row['length']:,} tokens{before}, {row['trained']:,} trained"
     if not row["input_ids"]:
         return "\n".join([*lines, "", f"{head} (left out of training, so nothing to show)"])
