@@ -366,3 +366,12 @@ def test_sharded_strategies_refuse_what_cannot_be_verified_without_gpus(small_da
     assert "adapts slices of qkv_proj" in err and "bypass" in err
     err = explain(capsys, fit_cmd(small_data, tmp_path, *strategy, "--samples.prompts", "[Hi]")[3:])
     assert "samples.prompts: sample replies are generated on rank 0 alone, which would deadlock" in err
+
+
+def test_an_oversized_rank_trains_when_forced(small_data, tmp_path):
+    """`model.lora.force_rank=true` is the knowing way past the rank check: the run trains at that rank."""
+    extra = ["--model.lora.r", "300", "--model.lora.force_rank", "true", "--trainer.max_steps", "1"]
+    proc = run(fit_cmd(small_data, tmp_path, *extra))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert {v.shape[0] for k, v in state.items() if ".lora_A." in k} == {300}
