@@ -27,9 +27,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors import SafetensorError
 
 from phi3lit.checkpoint import AtomicCheckpointIO
-from phi3lit.data import IGNORE_INDEX
 from phi3lit.errors import EnvironmentProblem
 from phi3lit.export import finish_adapter_folder, format_report
+from phi3lit.loss import IGNORE_INDEX
 
 
 class SaveAdapter(L.Callback):

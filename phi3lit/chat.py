@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sys
 
+from phi3lit.data.pack import left_pad
 from phi3lit.errors import ConfigError, missing_model
-from phi3lit.generate import generate_ids, left_pad
+from phi3lit.generate import generate_ids
 from phi3lit.lora import read_adapter_config
 from phi3lit.tiny import resolve_pretrained
 

@@ -28,6 +28,21 @@ class EnvironmentProblem(Phi3litError):
     kind = "environment"
 
 
+class DataError(Phi3litError, ValueError):
+    """Bad input data. The message names the file and the line or row."""
+
+    kind = "data"
+
+
+class BadExample(DataError):
+    """One example breaks the content policy (`phi3lit.data.formats.BAD_KINDS`): an error or a counted skip, per
+    `data.on_bad_example`."""
+
+    def __init__(self, problem: str, message: str):
+        super().__init__(message)
+        self.problem = problem  # one of BAD_KINDS (not `kind`: that is the error family, "data")
+
+
 class NonFiniteError(Phi3litError):
     """Loss or gradients became NaN/inf; training stopped before the bad step was applied."""
 

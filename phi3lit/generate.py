@@ -9,24 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from phi3lit.data import tokenize_chat
+from phi3lit.data.chat import tokenize_chat
+from phi3lit.data.pack import left_pad
 
 
 def stop_ids(tokenizer) -> list[int]:
     """<|end|> closes a turn, eos (<|endoftext|>) closes the text; either ends a reply."""
     ids = tokenizer.convert_tokens_to_ids(["<|end|>", tokenizer.eos_token])
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]  # unknown tokens map to <unk>
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding, so every reply starts right after its prompt."""
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, width - len(s) :] = torch.tensor(s)
-        mask[b, width - len(s) :] = 1
-    return ids, mask
 
 
 @torch.no_grad()

@@ -31,7 +31,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from phi3lit import attention  # noqa: F401 (registers the sdpa_docs attention with transformers)
-from phi3lit.data import loss_index
 from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, NonFiniteError, missing_model
 from phi3lit.generate import generate_ids
 from phi3lit.lora import (
@@ -45,7 +44,7 @@ from phi3lit.lora import (
     read_adapter_config,
     trainable_by_module,
 )
-from phi3lit.loss import chunked_cross_entropy
+from phi3lit.loss import chunked_cross_entropy, loss_index
 from phi3lit.tiny import resolve_pretrained
 
 

@@ -89,7 +89,7 @@ def test_named_format_must_match_the_file(tmp_path):
     assert str(e.value) == f"{path}:1: example has no 'conversations' field (sharegpt layout)"
     with pytest.raises(DataError) as e:
         load_conversations(path, format="alpaca")
-    assert str(e.value) == f"{path}:1: example has neither an 'instruction' nor a 'prompt' field (Alpaca layout)"
+    assert str(e.value) == f"{path}:1: example has no 'instruction' or 'prompt' field (alpaca layout)"
 
 
 def test_json_list_errors_name_the_line_of_the_element(tmp_path):
@@ -153,3 +153,25 @@ def test_shared_sharegpt_and_messages_files_give_identical_ids_and_labels(tmp_pa
         tokenized[name] = (list(ds["input_ids"]), list(ds["labels"]), packing)
     a, b = tokenized.values()
     assert a == b
+
+
+def test_a_new_layout_is_one_function_and_one_registry_entry(tmp_path, monkeypatch):
+    """The registry is the only place a layout is named: `format: auto` detects it and `data.format` accepts it."""
+    from phi3lit.data.formats import LAYOUTS, Layout
+
+    def qa_layout(row, where):  # {"q": ..., "a": ...}
+        return [
+            {"role": "user", "content": row["q"], "at": "'q'"},
+            {"role": "assistant", "content": row["a"], "at": "'a'"},
+        ]
+
+    monkeypatch.setitem(LAYOUTS, "qa", Layout(qa_layout, lambda row: "q" in row, "'q'"))
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"q": "2+2?", "a": "4"}\n')
+    expected = [[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]]
+    assert load_conversations(str(path)) == expected  # auto
+    assert load_conversations(str(path), format="qa") == expected
+    assert ChatDataModule(str(path), format="qa").hparams.format == "qa"
+    with pytest.raises(DataError, match=r"example has no 'q' field \(qa layout\)"):
+        path.write_text('{"messages": []}\n')
+        load_conversations(str(path), format="qa")
