@@ -33,7 +33,7 @@ from phi3lit.callbacks import (
     check_writable,
 )
 from phi3lit.checkpoint import read_checkpoint
-from phi3lit.data import ChatDataModule, DataError
+from phi3lit.data import ChatDataModule
 from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, Phi3litError
 from phi3lit.lora import resolve_targets
 from phi3lit.model import Phi3LoRA
@@ -289,8 +289,7 @@ def main(args: list[str] | None = None) -> None:
         known = _explained(e)
         if known is None:
             raise
-        kind = "data" if isinstance(known, DataError) else known.kind
-        print(f"phi3lit: {kind} error: {known}", file=sys.stderr)
+        print(f"phi3lit: {known.kind} error: {known}", file=sys.stderr)
         sys.exit(getattr(known, "exit_code", 2))
     finally:
         release_run_folder()  # a process that runs several fits (tests, notebooks) frees each folder it used
@@ -307,6 +306,7 @@ COMMANDS = {  # name: what it does, for the top-level --help
     "export": "a checkpoint as a stock peft adapter (fused or split) or a merged model",
     "chat": "talk to an adapter or a merged model in the terminal",
     "ablate": "run a sweep file (experiments/*.yaml) of fit overrides and summarise it",
+    "analyze": "what LoRA learned: spectra, subspace similarity and amplification of the saved adapters (CPU, no data)",
     "tiny": "build a tiny random-init Phi-3 of any tokenizer's vocabulary, for offline dry runs",
 }
 
@@ -371,6 +371,10 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
         from phi3lit import ablate
 
         sys.exit(ablate.main(argv[1:]))
+    if command == "analyze":
+        from phi3lit import analyze
+
+        sys.exit(analyze.main(argv[1:]))
     if command == "chat":
         from phi3lit.chat import chat
 
@@ -417,7 +421,7 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
 def _explained(e: BaseException | None) -> BaseException | None:
     """The phi3lit error behind `e` (jsonargparse and Lightning wrap exceptions in their own)."""
     while e is not None:
-        if isinstance(e, Phi3litError | DataError):
+        if isinstance(e, Phi3litError):
             return e
         e = e.__cause__ or e.__context__
     return None
