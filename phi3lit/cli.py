@@ -18,7 +18,7 @@ from typing import Literal
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeTuple, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -37,6 +37,7 @@ from phi3lit.data import ChatDataModule
 from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, Phi3litError
 from phi3lit.lora import resolve_targets
 from phi3lit.model import Phi3LoRA
+from phi3lit.optim import DEFAULTS as OPTIM_DEFAULTS
 from phi3lit.resume import explain, flat_config, resume_diff
 from phi3lit.runfolder import check_not_mixing, lock_run_folder, release_run_folder
 
@@ -107,6 +108,13 @@ class Phi3LitCLI(LightningCLI):
         parser.add_lightning_class_args(SampleReplies, "samples")
         parser.add_lightning_class_args(RunGuard, "guard")
         parser.add_lightning_class_args(ProgressLog, "progress")
+        # LightningCLI's standard optimizer and schedule keys (`--optimizer AdamW --optimizer.lr 1e-3`), handed to the
+        # module as callables, which builds them over the LoRA parameters with a per-step schedule (phi3lit.optim).
+        import torch
+
+        parser.add_optimizer_args((torch.optim.Optimizer,), link_to="model.optimizer")
+        parser.add_lr_scheduler_args(LRSchedulerTypeTuple, link_to="model.lr_scheduler")
+        parser.set_defaults(OPTIM_DEFAULTS)
         # One source of truth for values that data and model share.
         parser.link_arguments("model.pretrained", "data.tokenizer")
         parser.link_arguments("data.max_length", "model.max_length")
@@ -213,6 +221,10 @@ def check_values(config) -> None:
     clip = trainer.gradient_clip_val
     if clip is not None and not (math.isfinite(clip) and clip >= 0):
         raise ConfigError(f"trainer.gradient_clip_val must be a finite number >= 0 (0 or null: off), got {clip}")
+    optim = (config.get("optimizer") or Namespace()).get("init_args") or Namespace()
+    lr = optim.get("lr")
+    if isinstance(lr, int | float) and not (math.isfinite(lr) and lr >= 0):  # torch would accept NaN silently
+        raise ConfigError(f"optimizer.init_args.lr must be a finite number >= 0, got {lr}")  # 0: keep the adapter
     if data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be at least 1, got {data.batch_size}")
     if not data.val_file and data.val_fraction > 0.5:  # a typo for 0.0999 would train on a sliver of the data
@@ -410,7 +422,7 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
         Phi3LoRA,
         ChatDataModule,
         seed_everything_default=0,
-        auto_configure_optimizers=False,  # AdamW + warmup/cosine are the module's own arguments
+        auto_configure_optimizers=False,  # `optimizer:` / `lr_scheduler:` are linked into the module instead
         save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
         args=None if from_sys_argv else argv,

@@ -44,7 +44,7 @@ import torch
 
 from phi3lit.checkpoint import read_checkpoint
 from phi3lit.errors import ConfigError
-from phi3lit.lora import FUSED, resolve_targets, slice_rows
+from phi3lit.lora import FUSED, resolve_targets, slice_rows, untie_for_merge
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPLIT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj"}
@@ -103,6 +103,7 @@ def export(
     stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
         if merge:
+            untie_for_merge(peft_model)  # tied embeddings (Phi-4-mini): LoRA on lm_head/embed must stay on one use
             merged = peft_model.merge_and_unload()
             if layout == "split":
                 merged = split_base(merged)

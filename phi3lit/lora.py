@@ -365,3 +365,43 @@ def lora_state_dict(model: nn.Module, bias: Literal["none", "all", "lora_only"] 
     """
     prefixes = _lora_module_prefixes(model)
     return {k: v for k, v in model.state_dict().items() if "lora_" in k or _bias_selected(k, bias, prefixes)}
+
+
+# ---------------------------------------------------------------------------- tied embeddings (Phi-4-mini)
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the model's input embedding and output projection share one weight tensor."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
+    if inp is None or out is None:
+        return False
+    inp, out = getattr(inp, "base_layer", inp), getattr(out, "base_layer", out)  # under a peft LoRA layer
+    inp = getattr(inp, "original_module", inp)  # under modules_to_save
+    out = getattr(out, "original_module", out)
+    return inp.weight is out.weight
+
+
+def untie_for_merge(model: nn.Module) -> bool:
+    """Give the output projection its own copy of a tied embedding matrix before LoRA is merged; True if it did.
+
+    With tied weights (Phi-4-mini) a LoRA on `lm_head` or `embed` changes only one of the two uses of the shared
+    matrix while training (peft adds B A to that layer's output). `merge_and_unload` would then fold B A into the
+    shared tensor and so into both uses: the merged model's logits differ from the trained model's. Copying the
+    matrix first keeps each use's own weights, and `tie_word_embeddings` becomes false, so the merged model saves
+    and reloads as it was trained (at the cost of a second vocab x hidden matrix on disk). `modules_to_save` needs
+    nothing: peft trains a copy there already.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not tied_embeddings(base):
+        return False
+    adapted = [m for m in (base.get_input_embeddings(), base.get_output_embeddings()) if hasattr(m, "base_layer")]
+    if not adapted:  # no LoRA on either use of the matrix: merging leaves it alone, the tie stays
+        return False
+    out = base.get_output_embeddings()
+    if hasattr(out, "original_module"):  # modules_to_save: peft trains, merges and unties a copy itself
+        return False
+    out = getattr(out, "base_layer", out)
+    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=out.weight.requires_grad)
+    for config in (base.config, getattr(base.config, "text_config", None)):
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+    return True

@@ -19,20 +19,23 @@ Checkpoints hold only the trainable (LoRA) tensors; the frozen base is reloaded 
 from __future__ import annotations
 
 import importlib.util
-import math
-import random
 from dataclasses import asdict
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from phi3lit import attention  # noqa: F401 (registers the sdpa_docs attention with transformers)
-from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, NonFiniteError, missing_model
+from phi3lit.checkpoint import rng_states, set_rng_states
+from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, missing_model
+from phi3lit.family import check_phi3
 from phi3lit.generate import generate_ids
+from phi3lit.guard import NonFiniteGuard
+from phi3lit.lightning_compat import logging_this_step
 from phi3lit.lora import (
     LoraSpec,
     apply_lora,
@@ -45,6 +48,8 @@ from phi3lit.lora import (
     trainable_by_module,
 )
 from phi3lit.loss import chunked_cross_entropy, loss_index
+from phi3lit.optim import WarmupCosine, default_optimizer, default_scheduler
+from phi3lit.rope import install_document_rope
 from phi3lit.tiny import resolve_pretrained
 
 
@@ -67,20 +72,6 @@ def quantization_config(kind: str | None):
     )
 
 
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 class Phi3LoRA(L.LightningModule):
     strict_loading = False  # checkpoints hold LoRA tensors only; the base comes from `pretrained`
 
@@ -92,12 +83,8 @@ class Phi3LoRA(L.LightningModule):
         attn_implementation: Literal["sdpa_docs", "sdpa", "eager", "flash_attention_2"] = "sdpa_docs",
         gradient_checkpointing: bool = False,
         max_length: int = 1024,
-        lr: float = 2e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        warmup_ratio: float = 0.0,
-        min_lr_ratio: float = 0.1,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable = default_scheduler,
         max_new_tokens: int = 64,
         adapter: str | None = None,
         on_nonfinite: Literal["stop", "skip"] = "stop",
@@ -118,12 +105,10 @@ class Phi3LoRA(L.LightningModule):
                 `flash_attention_2`: varlen flash-attn over the same conversations (CUDA).
             gradient_checkpointing: recompute activations in backward (non-reentrant) to save memory.
             max_length: longest packed row; linked from `data.max_length`.
-            lr: peak AdamW learning rate, reached after `warmup_steps`.
-            weight_decay: AdamW weight decay on LoRA weights.
-            betas: AdamW betas.
-            warmup_steps: linear warmup steps from 0 to `lr`.
-            warmup_ratio: warmup as a share of all optimizer steps (the model card uses 0.2); the larger wins.
-            min_lr_ratio: cosine decay ends at `lr * min_lr_ratio` on the last step.
+            optimizer: builds the optimizer over the trainable parameters; linked from the CLI's `optimizer:`
+                (default: fused AdamW, lr 2e-4; see phi3lit.optim).
+            lr_scheduler: builds the per-step schedule; linked from the CLI's `lr_scheduler:` (default: linear
+                warmup, then cosine decay, phi3lit.optim.WarmupCosine).
             max_new_tokens: reply length limit for `predict`.
             adapter: a saved peft adapter folder to start from instead of fresh LoRA weights (e.g. to `predict`
                 or `test` with `<run>/adapter`); `lora` must then describe the same adapter.
@@ -141,26 +126,18 @@ class Phi3LoRA(L.LightningModule):
                 eager because document offsets change every batch). The first steps pay the compile time.
         """
         super().__init__()
-        for key, value in (("lr", lr), ("min_lr_ratio", min_lr_ratio), ("warmup_ratio", warmup_ratio)):
-            if not math.isfinite(value) or value < 0:  # lr 0 is allowed: it keeps the adapter as it is
-                raise ConfigError(f"model.{key} must be a finite number >= 0, got {value}")
-        if weight_decay < 0 or not math.isfinite(weight_decay) or not all(0 <= b < 1 for b in betas):
-            raise ConfigError(f"model.weight_decay must be >= 0 and model.betas in [0, 1), got {weight_decay}, {betas}")
-        for key, value in (
-            ("warmup_steps", warmup_steps),
-            ("ce_chunk", ce_chunk),
-            ("max_skipped_steps", max_skipped_steps),
-        ):
+        for key, value in (("ce_chunk", ce_chunk), ("max_skipped_steps", max_skipped_steps)):
             if value < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {value}")
-        self.save_hyperparameters(logger=False)  # RunConfig logs the whole resolved config instead
+        # RunConfig logs the whole resolved config instead; the optimizer and schedule are callables, kept as such.
+        self.save_hyperparameters(logger=False, ignore=["optimizer", "lr_scheduler"])
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.lora = lora
         self.tokenizer = None
         self.model = None  # built in configure_model, so parsing a config never loads weights
         self.val_loss_sum, self.val_tokens, self.val_correct = SumMetric(), SumMetric(), SumMetric()
         self._step_loss = self._step_tokens = None
-        self._unchecked: list[tuple] = []  # (step, non-finite flag, loss, grad norm, sources) not yet read
-        self._skipped = 0
+        self.guard = NonFiniteGuard(on_nonfinite, max_skipped_steps)
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -179,6 +156,9 @@ class Phi3LoRA(L.LightningModule):
             config = AutoConfig.from_pretrained(path)
         except OSError as e:
             raise missing_model(hp.pretrained, e) from None
+        except ValueError as e:  # a model_type this transformers does not know
+            raise ConfigError(f"model.pretrained={hp.pretrained!r}: not a Phi3ForCausalLM ({e})") from None
+        check_phi3(config, hp.pretrained)  # before reading any weights
         check_rank(self.lora, config)  # before reading any weights too
         if hp.max_length > config.max_position_embeddings:  # checked before reading any weights
             raise ConfigError(
@@ -191,6 +171,7 @@ class Phi3LoRA(L.LightningModule):
             attn_implementation=hp.attn_implementation,
             quantization_config=quantization_config(hp.quantization),
         )
+        install_document_rope(base)  # LongRoPE: short/long factors per packed conversation, as inference sees it
         if hp.quantization:
             from peft import prepare_model_for_kbit_training
 
@@ -328,16 +309,10 @@ class Phi3LoRA(L.LightningModule):
         if isinstance(strategy, FSDPStrategy):  # each rank holds a shard of every gradient: combine the squares
             norm = strategy.reduce(norm.float() ** 2, reduce_op="sum").sqrt()
         self._grad_norm = norm  # clipping (configure_gradient_clipping) uses it, so the norm is taken once
-        # No host sync: fused AdamW leaves weights and state untouched where `found_inf` is 1 (as under
-        # GradScaler), so a NaN/inf step is skipped on the device; the flags are read with the logged metrics.
-        # Summed over ranks, so that where gradients are sharded (FSDP) every rank skips the same steps.
-        # Under GradScaler an overflowed gradient is routine (the scaler skips the step and lowers the scale),
-        # so only a non-finite loss counts as a bad step there.
-        checked = loss if scaler is not None else loss + norm
-        bad = strategy.reduce((~torch.isfinite(checked)).float(), reduce_op="sum") > 0
-        if scaler is None:  # GradScaler.step sets found_inf itself
-            optimizer.found_inf = bad.float()
-        self._unchecked.append((self.trainer.global_step, bad, loss, norm, self._step_sources))
+        # Flags a NaN/inf step on the device and makes the optimizer skip it (phi3lit.guard: no host sync).
+        self.guard.record(
+            self.trainer.global_step, loss, norm, self._step_sources, optimizer, strategy, scaled=scaler is not None
+        )
         self.log("train/loss", loss, prog_bar=True)
         # Lightning takes a logged "step" as the x of every metric logged with it: the count of optimizer steps
         # done including this one, so step 50 in TensorBoard is the state checkpoints/step=000050.ckpt holds.
@@ -366,36 +341,12 @@ class Phi3LoRA(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # Every log_every_n_steps optimizer steps (when Lightning reads the logged tensors anyway) and at the end.
-        if self._unchecked and (self.trainer._logger_connector.should_update_logs or self.trainer.should_stop):
-            self.check_finite()
+        if self.guard.pending and (logging_this_step(self.trainer) or self.trainer.should_stop):
+            self.guard.check(self.log, self.trainer.global_step)
 
     def on_train_end(self) -> None:
-        if self._unchecked:
-            self.check_finite()
-
-    def check_finite(self) -> None:
-        """Reads the non-finite flags of the steps since the last check (one host sync for all of them)."""
-        pending, self._unchecked = self._unchecked, []
-        flags = torch.stack([bad for _, bad, *_ in pending]).tolist()
-        for (step, _, loss, norm, sources), bad in zip(pending, flags, strict=True):
-            if bad:
-                self._nonfinite_step(step, loss, norm, sources)
-
-    def _nonfinite_step(self, step: int, loss: torch.Tensor, norm: torch.Tensor, sources: list[str]) -> None:
-        sources = sorted(set(sources))
-        more = " ..." if len(sources) > 8 else ""
-        where = f"; the step's examples: {', '.join(sources[:8])}{more}" if sources else ""
-        self._skipped += 1
-        if self.hparams.on_nonfinite == "skip" and self._skipped <= self.hparams.max_skipped_steps:
-            self.log("train/skipped_steps", float(self._skipped))
-            rank_zero_info(f"[phi3lit] skipped step {step}: loss {loss.item()}, grad norm {norm.item()}{where}")
-            return
-        raise NonFiniteError(
-            f"non-finite loss ({loss.item()}) or gradient norm ({norm.item()}) at optimizer step {step}{where}. "
-            "That step was not applied (nor any later NaN/inf one), so every checkpoint in checkpoints/ holds "
-            f"finite weights; the check runs every trainer.log_every_n_steps, so training stopped at step "
-            f"{self.trainer.global_step}. Lower model.lr, check the data, or set model.on_nonfinite=skip."
-        )
+        if self.guard.pending:
+            self.guard.check(self.log, self.trainer.global_step)
 
     def _eval_step(self, batch: dict) -> None:
         loss_sum, n, correct = self.token_losses(batch)
@@ -435,20 +386,10 @@ class Phi3LoRA(L.LightningModule):
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        # fused: one kernel for the whole update, and it honours `found_inf` (see on_before_optimizer_step).
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay, fused=True)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(hp.warmup_steps, int(hp.warmup_ratio * total))
-
-        def schedule(step: int) -> float:  # linear warmup, then cosine from 1 to min_lr_ratio
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
+            scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints

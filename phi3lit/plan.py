@@ -1,9 +1,10 @@
 """`python -m phi3lit plan --config FILE.yaml`: will it fit? Counts and a memory estimate, before any GPU time.
 
-Parameters are counted on the meta device (no weights are read; for the Phi-3-mini hub id the architecture is
-known offline). Training memory is estimated as
+Parameters are counted on the meta device (no weights are read; for the Phi-3 family's hub ids, phi3lit.family,
+the architecture is known offline). Training memory is estimated as
 
-    frozen weights            frozen params x bytes(model.torch_dtype)
+    frozen weights            frozen params x bytes(model.torch_dtype); with model.quantization nf4, 4.127 bits per
+                              decoder Linear weight and fp32 for the rest (prepare_model_for_kbit_training)
   + LoRA state                trainable params x (weight + grad + 2 AdamW moments)
   + activations               layers x micro_batch x max_length x bytes/token/layer
   + logits                    micro_batch x max_length x vocab x 8 bytes (fp32 logits and their grad; an upper
@@ -22,31 +23,31 @@ from __future__ import annotations
 
 import torch
 
-from phi3lit.errors import missing_model
+from phi3lit.errors import ConfigError, missing_model
+from phi3lit.family import FAMILY, check_phi3, member, phi3_config
 from phi3lit.lora import LoraSpec, apply_lora, effective_trainable, trainable_by_module
 from phi3lit.tiny import resolve_pretrained
 
-# Architecture of microsoft/Phi-3-mini-4k-instruct (its config.json), so planning needs no download.
-KNOWN = {
-    "microsoft/Phi-3-mini-4k-instruct": dict(
-        hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, sliding_window=2047,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=32000,
-        pad_token_id=32000,
-    ),
-}  # fmt: skip
+# The Phi-3 family's architectures (their config.json values, cited in phi3lit.family), so planning needs no
+# download: the hub ids in phi3lit.family.FAMILY are built offline, anything else is read with AutoConfig.
+KNOWN = {hub_id: m.config for hub_id, m in FAMILY.items()}
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 
 
 def load_config(pretrained: str):
-    from transformers import AutoConfig, Phi3Config
+    """The model's config, offline for the Phi-3 family; anything that is not a Phi3ForCausalLM is refused."""
+    from transformers import AutoConfig
 
-    if pretrained in KNOWN:
-        return Phi3Config(**KNOWN[pretrained])
+    if member(pretrained) is not None:
+        return phi3_config(pretrained)
     try:
-        return AutoConfig.from_pretrained(resolve_pretrained(pretrained))
+        config = AutoConfig.from_pretrained(resolve_pretrained(pretrained))
     except OSError as e:
         raise missing_model(pretrained, e) from None
+    except ValueError as e:  # an architecture this transformers does not know
+        raise ConfigError(f"model.pretrained={pretrained!r}: not a Phi3ForCausalLM ({e})") from None
+    check_phi3(config, pretrained)
+    return config
 
 
 def saved_bytes(model, input_ids: torch.Tensor) -> int:
@@ -88,6 +89,7 @@ def estimate(
     micro_batch: int,
     max_length: int,
     gradient_checkpointing: bool,
+    quantization: str | None = None,
 ) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -107,8 +109,19 @@ def estimate(
         activations = tokens * (config.num_hidden_layers * kept + act)
     else:
         activations = tokens * config.num_hidden_layers * act
+    frozen = (total - adapter_numel) * BYTES[torch_dtype]
+    if quantization == "nf4":
+        # bitsandbytes NF4 with double quantization: 4 bits per weight of the decoder's Linear layers plus an 8-bit
+        # absmax per 64 weights and an fp32 one per 256 of those (4.127 bits); lm_head stays unquantized, and
+        # prepare_model_for_kbit_training casts every other frozen parameter (embeddings, norms, lm_head) to fp32.
+        linear = sum(
+            m.weight.numel()
+            for name, m in model.get_base_model().model.layers.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lora_" not in name
+        )
+        frozen = linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8 + (total - adapter_numel - linear) * 4
     parts = {
-        "frozen weights": (total - adapter_numel) * BYTES[torch_dtype],
+        "frozen weights": frozen,
         "LoRA weights + grads + AdamW": adapter_numel * lora_bytes * 4,
         "activations": activations,
         "logits (upper bound)": tokens * config.vocab_size * 8,
@@ -150,6 +163,10 @@ def plan_from_cli(cli) -> str:
         dhp.batch_size,
         dhp.max_length,
         hp.gradient_checkpointing,
+        hp.quantization,
     )
-    title = f"{hp.pretrained} ({cli.trainer.precision}, micro-batch {dhp.batch_size} x {dhp.max_length} tokens)"
+    quantized = ", 4-bit NF4 base" if hp.quantization else ""
+    title = (
+        f"{hp.pretrained} ({cli.trainer.precision}{quantized}, micro-batch {dhp.batch_size} x {dhp.max_length} tokens)"
+    )
     return report(result, title)

@@ -4,7 +4,7 @@
 the data position and the RNG streams from the checkpoint. A setting changed on the command line of a resume
 therefore falls in one of three kinds:
 
-* it cannot take effect: the restored optimizer state overrides it (`model.lr`, ...). Refused.
+* it cannot take effect: the restored optimizer and schedule override it (`optimizer.init_args.lr`, ...). Refused.
 * it changes what is being trained mid-run: another base model or other data, split, lengths or order
   (`model.pretrained`, `data.train_file`, `data.seed`, ...). Refused.
 * it takes effect from the resumed step on: `trainer.max_steps`, logging and checkpoint intervals, ...
@@ -15,11 +15,16 @@ and the run folder keeps the original `config.yaml` plus one `config-resume-N.ya
 
 from __future__ import annotations
 
-NO_EFFECT = {  # restored from the checkpoint's optimizer and scheduler state
-    "model.lr": "the optimizer's learning rate is restored from the checkpoint",
-    "model.betas": "AdamW's betas are restored from the checkpoint",
-    "model.weight_decay": "AdamW's weight decay is restored from the checkpoint",
+NO_EFFECT = {  # key prefixes restored from the checkpoint's optimizer and scheduler state
+    "optimizer.": "the optimizer and its settings (lr, betas, weight decay) are restored from the checkpoint",
+    "lr_scheduler.": "the schedule and its settings are restored from the checkpoint",
 }
+
+
+def _no_effect(key: str) -> str | None:
+    return next((why for prefix, why in NO_EFFECT.items() if key.startswith(prefix)), None)
+
+
 CHANGES_THE_RUN = (  # prefixes: a base model or data other than the one the first steps trained on
     "model.pretrained", "model.torch_dtype", "model.quantization", "model.lora.", "model.adapter", "data.train_file",
     "data.val_file", "data.val_fraction", "data.test_file", "data.split", "data.val_split", "data.tokenizer",
@@ -47,7 +52,7 @@ def resume_diff(saved: dict, current: dict) -> list[tuple[str, object, object, s
         old, new = saved.get(key), current.get(key)
         if old == new:
             continue
-        refused = key in NO_EFFECT or key.startswith(CHANGES_THE_RUN)
+        refused = _no_effect(key) is not None or key.startswith(CHANGES_THE_RUN)
         out.append((key, old, new, "refused" if refused else "effective"))
     return out
 
@@ -55,8 +60,8 @@ def resume_diff(saved: dict, current: dict) -> list[tuple[str, object, object, s
 def explain(diffs: list[tuple[str, object, object, str]], accepted: bool) -> str:
     lines = ["[phi3lit] this resume changes settings saved in the checkpoint:"]
     for key, old, new, kind in diffs:
-        if key in NO_EFFECT:
-            why = f"no effect: {NO_EFFECT[key]}"
+        if _no_effect(key):
+            why = f"no effect: {_no_effect(key)}"
         elif kind == "refused":
             why = "changes what is being trained mid-run"
         else:

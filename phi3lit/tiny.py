@@ -52,6 +52,33 @@ TINY_CONFIG = dict(
     tie_word_embeddings=False,
 )
 
+
+def _factors(n: int, top: float) -> list[float]:
+    return [round(1.0 + (top - 1.0) * i / max(1, n - 1), 4) for i in range(n)]
+
+
+# Tiny models of each Phi-3-family shape (phi3lit.family): toy sizes, but the structural features of the real
+# model kept: grouped-query attention (the query:KV head ratio), LongRoPE with short/long factor lists of
+# head_dim * partial_rotary_factor / 2 entries and an original context of 64 positions (so a tiny test crosses
+# it), partial rotary and tied embeddings. `mini-4k` is TINY_CONFIG itself (builtin:tiny-phi3).
+_LONG = dict(max_position_embeddings=1024, original_max_position_embeddings=64, sliding_window=2048)
+TINY_SHAPES: dict[str, dict] = {
+    "mini-4k": TINY_CONFIG,
+    # Phi-3-mini-128k and Phi-3.5-mini: 32 heads of 96 -> 4 heads of 64, LongRoPE.
+    "mini-128k": dict(TINY_CONFIG, **_LONG, rope_scaling={
+        "type": "longrope", "short_factor": _factors(32, 2.0), "long_factor": _factors(32, 64.0)}),
+    # Phi-3-medium-4k: GQA 40:10 -> 8:2, intermediate 3.5 x hidden.
+    "medium-4k": dict(TINY_CONFIG, intermediate_size=896, num_attention_heads=8, num_key_value_heads=2),
+    "medium-128k": dict(TINY_CONFIG, intermediate_size=896, num_attention_heads=8, num_key_value_heads=2, **_LONG,
+                        rope_scaling={"type": "longrope", "short_factor": _factors(16, 16.0),
+                                      "long_factor": _factors(16, 65.0)}),
+    # Phi-4-mini: GQA 24:8 -> 6:2 of head_dim 64, 0.75 of each head rotated (48 dims, 24 factors), tied embeddings.
+    "phi4-mini": dict(TINY_CONFIG, hidden_size=384, intermediate_size=1024, num_attention_heads=6,
+                      num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True, **_LONG,
+                      rope_scaling={"type": "longrope", "short_factor": _factors(24, 1.5),
+                                    "long_factor": _factors(24, 40.0)}),
+}  # fmt: skip
+
 # ---------------------------------------------------------------------------- synthetic chat data
 _SYSTEMS = [
     "You are a helpful assistant.",
@@ -147,7 +174,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("PHI3LIT_CACHE", Path.home() / ".cache" / "phi3lit"))
 
 
-def build_tiny_model(out: Path, seed: int = 0, tokenizer_dir: str | Path = TINY_TOKENIZER) -> Path:
+def _shape(shape: str) -> dict:
+    from phi3lit.errors import ConfigError
+
+    if shape not in TINY_SHAPES:
+        raise ConfigError(f"--shape {shape}: unknown; one of {', '.join(TINY_SHAPES)}")
+    return TINY_SHAPES[shape]
+
+
+def build_tiny_model(
+    out: Path, seed: int = 0, tokenizer_dir: str | Path = TINY_TOKENIZER, shape: str = "mini-4k"
+) -> Path:
     """Save a seeded random-init tiny `Phi3ForCausalLM` plus the tokenizer (the shipped tiny one by default)."""
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
@@ -158,7 +195,8 @@ def build_tiny_model(out: Path, seed: int = 0, tokenizer_dir: str | Path = TINY_
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **TINY_CONFIG,
+        architectures=["Phi3ForCausalLM"],
+        **_shape(shape),
     )
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(config)
@@ -177,20 +215,24 @@ def build_tiny_model(out: Path, seed: int = 0, tokenizer_dir: str | Path = TINY_
 
 
 def resolve_pretrained(name: str) -> str:
-    """Map `builtin:tiny-phi3` to its (built on demand) cache folder; pass hub ids and paths through."""
+    """Map `builtin:tiny-phi3` (and `builtin:tiny-phi3-<shape>`, one per TINY_SHAPES key) to its cache folder,
+    built on demand; pass hub ids and paths through."""
     if not name.startswith(BUILTIN_PREFIX):
         return name
-    if name != TINY_NAME:
-        raise ValueError(f"unknown built-in model {name!r}; the only one is {TINY_NAME!r}")
+    shape = "mini-4k" if name == TINY_NAME else name.removeprefix(TINY_NAME + "-")
+    if shape not in TINY_SHAPES or name == f"{TINY_NAME}-mini-4k":
+        known = ", ".join([TINY_NAME, *(f"{TINY_NAME}-{s}" for s in TINY_SHAPES if s != "mini-4k")])
+        raise ValueError(f"unknown built-in model {name!r}; the built-in ones are {known}")
     # The folder name carries a hash of the recipe, so a changed shape or tokenizer never reuses a stale build.
-    recipe = json.dumps(TINY_CONFIG, sort_keys=True) + (TINY_TOKENIZER / "tokenizer.json").read_text()
-    path = cache_root() / f"tiny-phi3-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+    recipe = json.dumps(TINY_SHAPES[shape], sort_keys=True) + (TINY_TOKENIZER / "tokenizer.json").read_text()
+    prefix = "tiny-phi3" if shape == "mini-4k" else f"tiny-phi3-{shape}"
+    path = cache_root() / f"{prefix}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
     if not (path / "config.json").exists():
-        build_tiny_model(path)
+        build_tiny_model(path, shape=shape)
     return str(path)
 
 
-def tiny(tokenizer: str, out: str, seed: int = 0) -> Path:
+def tiny(tokenizer: str, out: str, seed: int = 0, shape: str = "mini-4k") -> Path:
     """Build a tiny random-init Phi-3 (2 layers, hidden 256) with any tokenizer's vocabulary, for offline dry runs.
 
     `python -m phi3lit tiny --tokenizer DIR --out DIR`, then `fit --model.pretrained DIR`: masks, packing and the
@@ -200,14 +242,18 @@ def tiny(tokenizer: str, out: str, seed: int = 0) -> Path:
         tokenizer: a tokenizer folder (tokenizer.json + tokenizer_config.json; a model folder works too) or hub id.
         out: folder to write the model and a copy of the tokenizer to; it must not exist yet.
         seed: seed of the random initialisation.
+        shape: which family member's structure to copy at toy size: mini-4k (Phi-3-mini-4k), mini-128k
+            (Phi-3-mini-128k and Phi-3.5-mini: LongRoPE), medium-4k (Phi-3-medium-4k: grouped-query attention),
+            medium-128k (both), phi4-mini (Phi-4-mini: GQA, LongRoPE, partial rotary, tied embeddings).
     """
     from phi3lit.errors import ConfigError, missing_model
 
+    _shape(shape)  # an unknown shape fails before anything is read
     target = Path(out)
     if target.exists():
         raise ConfigError(f"--out {out}: already exists; choose a new folder")
     try:
-        build_tiny_model(target, seed, tokenizer)
+        build_tiny_model(target, seed, tokenizer, shape)
     except OSError as e:
         raise missing_model(tokenizer, e) from None
     print(f"[phi3lit] tiny Phi-3 with the vocabulary of {tokenizer} written to {target}; use it with "

@@ -122,3 +122,22 @@ class SlowValidation(_Probe):
         import time
 
         time.sleep(self.seconds)
+
+
+class OptimizerFacts(_Probe):
+    """Per optimizer step: the optimizer's class, its lr and other group settings, the scheduler's class."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        group = optimizer.param_groups[0]
+        scheduler = trainer.lr_scheduler_configs[0] if trainer.lr_scheduler_configs else None
+        self.write(
+            trainer,
+            step=trainer.global_step,
+            optimizer=type(optimizer).__name__,
+            lr=group["lr"],
+            weight_decay=group.get("weight_decay"),
+            momentum=group.get("momentum"),
+            params=sum(p.numel() for p in group["params"]),
+            scheduler=type(scheduler.scheduler).__name__ if scheduler else None,
+            interval=scheduler.interval if scheduler else None,
+        )

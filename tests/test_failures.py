@@ -229,7 +229,7 @@ def test_lora_mismatch_lists_the_difference(small_data, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- non-finite training
 def test_nonfinite_step_is_never_applied_and_stops_the_run(small_data, tmp_path, capsys):
-    args = fit_cmd(small_data, tmp_path, "--model.lr", "1e30", "--trainer.gradient_clip_val", "null")[3:]
+    args = fit_cmd(small_data, tmp_path, "--optimizer.lr", "1e30", "--trainer.gradient_clip_val", "null")[3:]
     err = explain(capsys, args, code=3)
     assert "phi3lit: training error: non-finite loss" in err and "at optimizer step" in err
     assert f"the step's examples: {small_data}:" in err  # file:line of the conversations in the bad step
@@ -245,7 +245,7 @@ def test_nonfinite_step_is_never_applied_and_stops_the_run(small_data, tmp_path,
 
 
 def test_nonfinite_steps_can_be_skipped_up_to_a_limit(small_data, tmp_path, capsys):
-    extra = ["--model.lr", "1e30", "--trainer.gradient_clip_val", "null", "--model.on_nonfinite", "skip"]
+    extra = ["--optimizer.lr", "1e30", "--trainer.gradient_clip_val", "null", "--model.on_nonfinite", "skip"]
     err = explain(capsys, fit_cmd(small_data, tmp_path, *extra, "--model.max_skipped_steps", "2")[3:], code=3)
     assert err.count("non-finite") == 1 and "at optimizer step" in err
     out = capsys.readouterr()
@@ -301,9 +301,9 @@ def test_fp8_precision_needs_a_gpu(small_data, tmp_path, capsys):
         (["--data.max_length", "5000"], "data.max_length=5000 exceeds the model's 1024 positions"),
         (["--data.batch_size", "0"], "data.batch_size must be at least 1, got 0"),
         (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be at least 1, got 0"),
-        (["--model.lr=-1e-3"], "model.lr must be a finite number >= 0, got -0.001"),
-        (["--model.lr", ".nan"], "model.lr must be a finite number >= 0, got nan"),  # YAML's NaN
-        (["--model.lr", ".inf"], "model.lr must be a finite number >= 0, got inf"),
+        (["--optimizer.lr=-1e-3"], "optimizer.init_args.lr must be a finite number >= 0, got -0.001"),
+        (["--optimizer.lr", ".nan"], "optimizer.init_args.lr must be a finite number >= 0, got nan"),  # YAML's NaN
+        (["--optimizer.lr", ".inf"], "optimizer.init_args.lr must be a finite number >= 0, got inf"),
         (["--trainer.max_steps", "0"], "trainer.max_steps=0 trains nothing"),
         (["--data.val_fraction", "0.999"], "data.val_fraction=0.999 holds out more than half"),
         (["--model.lora.r", "100000"], "model.lora.r=100000 is above min(in, out)=256 of qkv_proj (256, 256)"),

@@ -71,18 +71,20 @@ def test_resume_that_changes_lr_is_refused_then_accepted_and_the_config_is_kept(
     root = tmp_path / "run"
     main(args(small_data, root))
     original = (root / "config.yaml").read_text()
-    resume = args(small_data, root, "--trainer.max_steps", "6", "--ckpt_path", "last", "--model.lr", "1e-4")
+    resume = args(small_data, root, "--trainer.max_steps", "6", "--ckpt_path", "last", "--optimizer.lr", "1e-4")
     with pytest.raises(SystemExit) as e:
         main(resume)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "phi3lit: checkpoint error:" in err and "model.lr: checkpoint 0.003, now 0.0001" in err
+    assert "phi3lit: checkpoint error:" in err and "optimizer.init_args.lr: checkpoint 0.003, now 0.0001" in err
     assert "no effect" in err and "--accept_changes true" in err
     assert (root / "config.yaml").read_text() == original and not list(root.glob("config-resume-*"))
     main([*resume, "--accept_changes", "true"])
     assert (root / "config.yaml").read_text() == original  # never overwritten
     saved = yaml.safe_load((root / "config-resume-1.yaml").read_text())
-    assert saved["model"]["lr"] == 1e-4 and saved["trainer"]["max_steps"] == 6 and saved["accept_changes"]
+    assert (
+        saved["optimizer"]["init_args"]["lr"] == 1e-4 and saved["trainer"]["max_steps"] == 6 and saved["accept_changes"]
+    )
 
 
 def test_logs_that_are_files_get_progress_lines_and_an_end_summary(small_data, tmp_path):
@@ -101,7 +103,7 @@ def test_logs_that_are_files_get_progress_lines_and_an_end_summary(small_data, t
     assert f"python -m phi3lit chat --adapter {tmp_path / 'run' / 'adapter'}" in text
 
 
-COMMANDS = ["fit", "validate", "test", "predict", "data", "plan", "export", "chat", "ablate", "tiny"]
+COMMANDS = ["fit", "validate", "test", "predict", "data", "plan", "export", "chat", "ablate", "analyze", "tiny"]
 
 
 def test_one_cli_every_command_listed_with_its_own_help(capsys):

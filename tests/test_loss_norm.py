@@ -1,5 +1,7 @@
 """Loss normalisation: one optimizer step's gradient is sum(token losses) / trained tokens of the whole step."""
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -26,7 +28,9 @@ class GradsAtStep(L.Callback):
 
 def first_step_grads(tiny_path, data, batch_size, accumulate):
     L.seed_everything(0)
-    module = Phi3LoRA(pretrained=tiny_path, lora=LoraSpec(dropout=0.0), lr=0.0)
+    module = Phi3LoRA(
+        pretrained=tiny_path, lora=LoraSpec(dropout=0.0), optimizer=functools.partial(torch.optim.AdamW, lr=0.0)
+    )
     dm = ChatDataModule(str(data), val_fraction=0.0, tokenizer=tiny_path, max_length=64, batch_size=batch_size)
     grabber = GradsAtStep()
     trainer = L.Trainer(

@@ -29,6 +29,7 @@ from phi3lit.loss import IGNORE_INDEX
 # Every module whose code can change a cached row (its ids, labels, lengths or outcome): the key hashes them all.
 ID_MODULES = ("phi3lit.data.formats", "phi3lit.data.read", "phi3lit.data.chat", "phi3lit.data.cache", "phi3lit.loss")
 
+
 # Init kwargs that say where a tokenizer was loaded from, not how it tokenizes: left out of its fingerprint so that
 # a copy of the same files in another folder shares the cache.
 _LOCATION_KWARGS = {

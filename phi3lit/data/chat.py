@@ -20,10 +20,11 @@ drops every overlong example (`dropped`).
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
-from phi3lit.errors import DataError
+from phi3lit.errors import ConfigError, DataError
 from phi3lit.loss import IGNORE_INDEX
 
 # Outcomes of `tokenize_example`; the ones not kept are counted under these names in the stats.
@@ -31,6 +32,55 @@ KEPT, TRUNCATED, DROPPED, TOO_LONG, NO_REPLY = "kept", "truncated", "dropped", "
 # Private-use code points: never produced by a chat template, never in real text we care about.
 _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+# ---------------------------------------------------------------------------- templates without a system role
+_PROBE = [{"role": "system", "content": "\x00phi3lit-system\x00"}, {"role": "user", "content": "u"}]
+
+
+_SYSTEM_ROLE: dict[tuple[int, str], bool] = {}
+
+
+def system_role_supported(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a system message at all (Phi-3-medium's does not)."""
+    key = (id(tokenizer), str(tokenizer.chat_template))
+    if key not in _SYSTEM_ROLE:  # rendered once per tokenizer and template, not once per example
+        try:
+            text = tokenizer.apply_chat_template(_PROBE, tokenize=False)
+        except Exception:  # a template that raises on a system message (Gemma-style) has no system role either
+            text = ""
+        _SYSTEM_ROLE[key] = _PROBE[0]["content"] in text
+    return _SYSTEM_ROLE[key]
+
+
+def render_system_message(
+    messages: Sequence[dict[str, str]], tokenizer, policy: str = "fold", where: str = "data"
+) -> list[dict[str, str]]:
+    """Messages the template renders completely: a system message must not vanish silently.
+
+    With a template that has a system role, `messages` is returned as it is. Otherwise (Phi-3-medium), a leading
+    system message is folded into the first user turn (`<system>\\n\\n<user>`, what the Phi-3 cookbook does for
+    templates without a system role), with a warning (`policy="fold"`), or refused (`policy="error"`).
+    """
+    if not messages or messages[0]["role"] != "system" or not messages[0]["content"]:
+        return list(messages)
+    if system_role_supported(tokenizer):
+        return list(messages)
+    if policy == "error":
+        raise ConfigError(
+            f"{where}: this model's chat template has no system role (Phi-3-medium): the system message would be "
+            "dropped. Remove it, or fold it into the first user turn (data.system_message: fold)"
+        )
+    warnings.warn(
+        "the chat template has no system role (Phi-3-medium): the system message is folded into the first user turn",
+        stacklevel=2,
+    )
+    system, rest = messages[0]["content"], list(messages[1:])
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            rest[i] = {**m, "content": f"{system}\n\n{m['content']}"}
+            return rest
+    return [{"role": "user", "content": system}, *rest]
 
 
 def _special_token_pattern(tokenizer) -> re.Pattern:
@@ -42,6 +92,7 @@ def encode_chat(
     messages: Sequence[dict[str, str]], tokenizer, add_generation_prompt: bool = False
 ) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation, and which of them are assistant replies or their closing token."""
+    messages = render_system_message(messages, tokenizer)  # Phi-3-medium has no system role: fold it, warn
     placeholders = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
     scaffold = tokenizer.apply_chat_template(placeholders, tokenize=False, add_generation_prompt=add_generation_prompt)
     special = _special_token_pattern(tokenizer)
