@@ -1,7 +1,9 @@
 """ablate: a 2x2 sweep on the tiny model; skip finished points, resume killed ones, --list/--index agree; a failed
-point fails the command; bad sweep files are one-line config errors; --dry-run, result lines, summary, plot."""
+point fails the command; bad sweep files are one-line config errors; --dry-run, result lines, summary, plot;
+alpha rules; a point taken by another worker is skipped. (Seeds, statistics and analyze: test_analyze.py.)"""
 
 import csv
+import fcntl
 import os
 import re
 import shlex
@@ -17,8 +19,8 @@ from conftest import ROOT
 
 from phi3lit import ablate as ablate_module
 from phi3lit.ablate import fit_args, load_sweep, points
-from phi3lit.callbacks import read_scalars
 from phi3lit.errors import ConfigError
+from phi3lit.events import read_scalars
 from phi3lit.tiny import TINY_DATA
 
 
@@ -131,6 +133,8 @@ def test_failed_point_fails_the_command_after_the_sweep_goes_on(sweep_file, tmp_
 
 
 TINY_BASE = str(ROOT / "configs" / "tiny.yaml")
+# The learning rate's key: `optimizer.lr` once the optimizer is configurable (an `optimizer:` section), else model.lr.
+LR_KEY = "optimizer.lr" if "\noptimizer:" in (ROOT / "configs" / "tiny.yaml").read_text() else "model.lr"
 GRID = "grid: {model.lora.r: [4, 8]}\n"
 BAD_SWEEPS = {  # file text -> what the one-line message must say after `<file>: `
     "syntax": ("base: x.yaml\ngrid: {model.lora.r: [4, 8}\n", "not valid YAML"),
@@ -138,6 +142,11 @@ BAD_SWEEPS = {  # file text -> what the one-line message must say after `<file>:
     "no_base": (GRID, "no `base:`"),
     "base_missing": ("base: configs/no_such.yaml\n" + GRID, "base: configs/no_such.yaml does not exist"),
     "value_not_list": (f"base: {TINY_BASE}\ngrid: {{model.lora.r: 4}}\n", "grid: model.lora.r: must be a non-empty"),
+    "alpha_rule": (f"base: {TINY_BASE}\ngrid: {{model.lora.alpha: [32, 2q]}}\n", "'2q' is not an alpha rule"),
+    "rslora_twice": (
+        f"base: {TINY_BASE}\ngrid: {{model.lora.alpha: [rslora]}}\nfixed: {{model.lora.use_rslora: false}}\n",
+        "rslora sets model.lora.use_rslora",
+    ),
 }  # fmt: skip
 
 
@@ -179,7 +188,7 @@ def test_dry_run_prints_each_points_fit_command(sweep_file, tmp_path):
 
 def test_lr_sweep_summary_has_steady_tokens_per_sec_and_a_log10_lr_plot(sweep_file, tmp_path):
     sweep = yaml.safe_load(sweep_file.read_text())
-    sweep["grid"] = {"model.lr": [1e-4, 1e-3]}
+    sweep["grid"] = {LR_KEY: [1e-4, 1e-3]}
     sweep["fixed"] |= {"model.lora.r": 4, "model.lora.targets": ["q", "v"], "trainer.log_every_n_steps": 1}
     path = tmp_path / "lr.yaml"
     path.write_text(yaml.safe_dump(sweep))
@@ -199,3 +208,73 @@ def test_lr_sweep_summary_has_steady_tokens_per_sec_and_a_log10_lr_plot(sweep_fi
     fig.canvas.draw()
     ticks = " ".join(t.get_text() for t in fig.axes[0].get_xticklabels())
     assert len(fig.axes) == 1 and "10^{-4}" in ticks and "10^{-3}" in ticks, ticks
+
+
+def test_alpha_rules_become_each_points_alpha(tmp_path):
+    sweep = {
+        "base": TINY_BASE, "root": str(tmp_path),
+        "grid": {"model.lora.r": [4, 16], "model.lora.alpha": [32, "2r", "rslora:16", "rslora"]},
+    }  # fmt: skip
+    path = tmp_path / "alpha.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))  # r first: the point names follow the grid's order
+    proc = ablate(path, "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    commands = {
+        line.split()[2]: shlex.split(command)
+        for line, command in zip(*[iter(proc.stdout.strip().splitlines())] * 2, strict=True)
+    }
+    expected = {  # point name -> (alpha passed to fit or None, use_rslora passed, effective scale)
+        "r=4__alpha=32": (32, False, 8.0), "r=4__alpha=2r": (8, False, 2.0),
+        "r=4__alpha=rslora16": (16, True, 8.0), "r=4__alpha=rslora": (None, True, 32 / 2),
+        "r=16__alpha=32": (32, False, 2.0), "r=16__alpha=2r": (32, False, 2.0),
+        "r=16__alpha=rslora16": (16, True, 4.0), "r=16__alpha=rslora": (None, True, 32 / 4),
+    }  # fmt: skip
+    assert set(commands) == set(expected)
+    for name, (alpha, rslora, scale) in expected.items():
+        words = commands[name]
+        given = words[words.index("--model.lora.alpha") + 1] if "--model.lora.alpha" in words else None
+        assert given == (None if alpha is None else str(alpha)), name
+        assert ("--model.lora.use_rslora" in words) == rslora, name
+        point = next(p for p in points(load_sweep(path)) if p["name"] == name)
+        o = point["overrides"]
+        r = o["model.lora.r"]
+        got = ablate_module.effective_scale(r, o.get("model.lora.alpha", 32), o.get("model.lora.use_rslora", False))
+        assert got == scale, name  # tiny.yaml has alpha 32
+
+
+def test_a_point_taken_by_another_worker_is_skipped_not_run(sweep_file, tmp_path):
+    spec = load_sweep(sweep_file)
+    spec["root"] = str(tmp_path)
+    folder = ablate_module.point_dir(spec, points(spec)[0])
+    folder.mkdir(parents=True)
+    with open(folder / ".ablate.lock", "w") as held:  # as a worker running that point holds it
+        held.write("pid 4242 on node7\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (folder / "status.json").write_text('{"status": "running"}')
+        proc = ablate(sweep_file, "--root", tmp_path, "--index", 0)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"{folder.name}: running in another process (pid 4242 on node7), skipped" in proc.stdout
+        assert "0 ok, 0 failed of 1 (1 running in another process, skipped)" in proc.stdout
+        assert not (folder / "fit.log").exists() and not (folder / "checkpoints").exists()
+        assert ablate(sweep_file, "--root", tmp_path, "--list").stdout.splitlines()[0].endswith("\trunning")
+    # The holder died without finishing: the lock is gone, the status still says running.
+    assert ablate(sweep_file, "--root", tmp_path, "--list").stdout.splitlines()[0].endswith("\tinterrupted")
+
+
+def test_a_fit_stopped_by_a_signal_is_not_marked_done(sweep_file, tmp_path):
+    """Preemption (SIGTERM) makes fit save last.ckpt and exit 0: the point must stay unfinished, and resume."""
+    cmd = [sys.executable, "-m", "phi3lit", "ablate", str(sweep_file), "--root", str(tmp_path), "--index", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    point = tmp_path / "mini" / points(load_sweep(sweep_file))[0]["name"]
+    deadline = time.monotonic() + 300
+    while not (point / "checkpoints" / "step=000002.ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    fit_pid = int((point / ".phi3lit.lock").read_text().split()[1])  # fit's own run-folder lock names its pid
+    os.kill(fit_pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "stopped by a signal before its last step" in out, out[-2000:]
+    assert "(1 stopped by a signal, to resume)" in out
+    assert '"status": "stopped"' in (point / "status.json").read_text()
+    rerun = ablate(sweep_file, "--root", tmp_path, "--index", 0)
+    assert rerun.returncode == 0 and "resuming" in rerun.stdout and ": ok  " in rerun.stdout, rerun.stdout[-2000:]
