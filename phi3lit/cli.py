@@ -12,7 +12,6 @@ import importlib.util
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -23,23 +22,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.allocator import keep_freed_memory
-from phi3lit.callbacks import (
-    PredictionWriter,
-    ProgressLog,
-    RunGuard,
-    SampleReplies,
-    SaveAdapter,
-    TrainMonitor,
-    check_writable,
-)
+from phi3lit.callbacks import PredictionWriter, SampleReplies, SaveAdapter
 from phi3lit.checkpoint import read_checkpoint
+from phi3lit.console import quiet
 from phi3lit.data import ChatDataModule
 from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, Phi3litError
 from phi3lit.lora import resolve_targets
 from phi3lit.model import Phi3LoRA
+from phi3lit.monitor import TrainMonitor
 from phi3lit.optim import DEFAULTS as OPTIM_DEFAULTS
+from phi3lit.progress import ProgressLog
 from phi3lit.resume import explain, flat_config, resume_diff
 from phi3lit.runfolder import check_not_mixing, lock_run_folder, release_run_folder
+from phi3lit.runguard import RunGuard, check_writable
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -122,6 +117,9 @@ class Phi3LitCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         # No last-v1.ckpt: a run folder holds one run (see runfolder.py), so `last` is always this run's newest.
         defaults = {"checkpoint.save_last": True, "checkpoint.filename": "{step:06d}"}
+        # phi3lit prints its own parameter line (trainable LoRA per module, the whole base); Lightning's summary
+        # table would list the metric objects and "0 FLOPs" beside it.
+        defaults["trainer.enable_model_summary"] = False
         parser.set_defaults({**defaults, "checkpoint.enable_version_counter": False})
         parser.add_argument(
             "--accept_changes",
@@ -194,10 +192,18 @@ class Phi3LitCLI(LightningCLI):
         if config.trainer.enable_progress_bar is None and not sys.stdout.isatty():
             config.trainer.enable_progress_bar = False  # a bar redrawn into a log file is noise: ProgressLog's lines
         callbacks = config.trainer.callbacks or []
-        own_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
+        own_bar = any(_is_progress_bar(getattr(c, "class_path", None)) for c in callbacks)
         if config.trainer.enable_progress_bar is not False and not own_bar:  # steps of max_steps, not epochs
-            bar = Namespace(class_path="phi3lit.callbacks.StepProgressBar", init_args=Namespace())
+            bar = Namespace(class_path="phi3lit.progress.StepProgressBar", init_args=Namespace())
             config.trainer.callbacks = [*callbacks, bar]
+        # Checkpoint files written atomically (a kill mid-save never leaves a partial last.ckpt). FSDP and DeepSpeed
+        # write their own sharded checkpoints, so they keep their own IO.
+        strategy = str(config.trainer.strategy).lower()
+        if "fsdp" not in strategy and "deepspeed" not in strategy:
+            io = Namespace(class_path="phi3lit.checkpoint.AtomicCheckpointIO", init_args=Namespace())
+            plugins = config.trainer.plugins
+            plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+            config.trainer.plugins = [*plugins, io]
         # TensorBoard in the run folder by default (Lightning's default would be version_N folders).
         trainer = config.trainer
         if trainer.logger in (None, True):
@@ -206,6 +212,20 @@ class Phi3LitCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(save_dir=root, name="tb", version="", default_hp_metric=False),
             )
+
+
+def _is_progress_bar(class_path: str | None) -> bool:
+    """Whether a callback given by class path is a progress bar (then phi3lit adds none of its own)."""
+    import importlib
+
+    from lightning.pytorch.callbacks.progress import ProgressBar
+
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        return False
+    return isinstance(cls, type) and issubclass(cls, ProgressBar)
 
 
 def check_values(config) -> None:
@@ -295,6 +315,7 @@ def check_devices(config) -> None:
 def main(args: list[str] | None = None) -> None:
     """Every subcommand runs under one handler: the user's input or environment gives one line, no traceback."""
     argv = sys.argv[1:] if args is None else list(args)
+    quiet(report_only=bool(argv) and argv[0] in ("plan", "data"))
     try:
         _dispatch(argv, args is None)
     except Exception as e:  # the user's input or environment, not a bug: a message, no traceback
@@ -399,16 +420,14 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
         return
     if command in ("data", "plan"):  # the fit config, parsed without running: inspect before spending GPU hours
         argv, show, split = _data_options(argv)
-        with warnings.catch_warnings():  # Lightning warns that `args` is meant for notebooks; here it is the CLI
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli = Phi3LitCLI(
-                Phi3LoRA,
-                ChatDataModule,
-                run=False,
-                auto_configure_optimizers=False,
-                args=argv[1:],
-                parser_kwargs={"prog": f"phi3lit {command}", "description": COMMANDS[command]},
-            )
+        cli = Phi3LitCLI(
+            Phi3LoRA,
+            ChatDataModule,
+            run=False,
+            auto_configure_optimizers=False,
+            args=argv[1:],
+            parser_kwargs={"prog": f"phi3lit {command}", "description": COMMANDS[command]},
+        )
         if command == "data":
             from phi3lit.data import describe
 

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.errors import NonFiniteError
+from phi3lit.lightning_compat import skip_step_if
 
 
 class NonFiniteGuard:
@@ -36,7 +37,7 @@ class NonFiniteGuard:
         bad = strategy.reduce((~torch.isfinite(checked)).float(), reduce_op="sum") > 0
         if not scaled:  # GradScaler.step sets found_inf itself
             if optimizer.defaults.get("fused"):  # fused Adam/AdamW/SGD skip on the device where found_inf is 1
-                optimizer.found_inf = bad.float()
+                skip_step_if(optimizer, bad)
             elif bad.item():  # other optimizers cannot: one host sync per step, and no gradient means no update
                 for group in optimizer.param_groups:
                     for p in group["params"]:

@@ -1,4 +1,5 @@
-"""The Lightning internals phi3lit relies on, in one place, each pinned by a test (tests/test_lightning_compat.py).
+"""The Lightning (and torch) internals phi3lit relies on, in one place, each pinned by a test
+(tests/test_lightning_compat.py).
 
 Lightning has no public API for these; each function says what it reads and why phi3lit needs it. An upgrade that
 moves one breaks that test here, not a training run.
@@ -23,3 +24,12 @@ def logging_this_step(trainer) -> bool:
     """True on the steps where Lightning hands the logged metrics to the loggers (every `log_every_n_steps`): the
     time to read device-side values without an extra host sync."""
     return trainer._logger_connector.should_update_logs
+
+
+def skip_step_if(optimizer, flag) -> None:
+    """Make a fused torch optimizer's next step a no-op where the device tensor `flag` is 1 (no host sync).
+
+    torch's fused Adam/AdamW/SGD read `optimizer.found_inf` in `step()`, the attribute GradScaler sets for them; it
+    is not a documented API, so it is set only here (torch, not Lightning, but the same kind of pin).
+    """
+    optimizer.found_inf = flag.float()

@@ -72,6 +72,11 @@ class WarmupCosine(LRScheduler):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
+    def state_dict(self) -> dict:
+        # Not the run's length: a resume with a larger trainer.max_steps follows the schedule of the new length
+        # (the trainer's, set again at every start), as one uninterrupted run of that length would.
+        return {k: v for k, v in super().state_dict().items() if k != "total_steps"}
+
     def factor(self, step: int) -> float:
         total = self.total_steps or 1
         warmup = max(self.warmup_steps, int(self.warmup_ratio * total))

@@ -3,21 +3,13 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-REAL_TOKENIZER = SHARED / "phi3-tokenizer"
-SHARED_DATA = SHARED / "data"
-
-needs_real_tokenizer = pytest.mark.skipif(not REAL_TOKENIZER.is_dir(), reason="../shared/phi3-tokenizer is absent")
-needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+from helpers import REAL_TOKENIZER, ROOT  # noqa: E402
 
 
 @pytest.fixture(scope="session")

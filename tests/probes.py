@@ -141,3 +141,11 @@ class OptimizerFacts(_Probe):
             scheduler=type(scheduler.scheduler).__name__ if scheduler else None,
             interval=scheduler.interval if scheduler else None,
         )
+
+
+class TrainerFacts(_Probe):
+    """At the start of fit: the strategy's checkpoint IO and the callbacks' classes."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        io = trainer.strategy.checkpoint_io
+        self.write(trainer, checkpoint_io=f"{type(io).__module__}.{type(io).__name__}")

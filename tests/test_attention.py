@@ -2,22 +2,10 @@
 
 import pytest
 import torch
+from helpers import packed_batch
 from transformers import Phi3Config, Phi3ForCausalLM
 
 from phi3lit import attention  # noqa: F401 (registers sdpa_docs)
-from phi3lit.data import collate
-
-
-def packed_batch(lengths_per_row: list[list[int]], vocab: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for lengths in lengths_per_row:
-        convs = []
-        for n in lengths:
-            ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-            convs.append({"input_ids": ids, "labels": ids})
-        rows.append(convs)
-    return collate(rows, pad_id=0)
 
 
 def run(model: Phi3ForCausalLM, batch: dict, impl: str) -> tuple[torch.Tensor, dict]:

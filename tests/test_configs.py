@@ -4,14 +4,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from phi3lit.cli import Phi3LitCLI, main
 from phi3lit.data import ChatDataModule
 from phi3lit.lora import apply_lora
 from phi3lit.model import Phi3LoRA
 
-FRAGMENTS = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))  # combined with a model config
+# Overlays, combined with a model config: strategies and QLoRA.
+FRAGMENTS = sorted(
+    [*(ROOT / "configs" / "strategy").glob("*.yaml"), *(ROOT / "configs" / "quantization").glob("*.yaml")]
+)
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p not in FRAGMENTS)
 SWEEPS = sorted((ROOT / "experiments").rglob("*.yaml"))
 
@@ -68,7 +71,7 @@ def test_strategy_fragments_compose_with_model_configs(fragment, capsys):
             main(["fit", "--config", str(ROOT / "configs" / base), "--config", str(fragment), "--print_config"])
         assert e.value.code in (0, None)
         printed = capsys.readouterr().out
-        assert "strategy:" in printed
+        assert ("quantization: nf4" if fragment.parent.name == "quantization" else "strategy:") in printed
 
 
 def test_ddp_fragment_instantiates_on_cpu(tmp_path):
@@ -81,7 +84,8 @@ def test_qlora_config_wiring(tmp_path):
 
     from phi3lit.errors import EnvironmentProblem
 
-    cli = build(ROOT / "configs" / "phi3-mini-4k-qlora.yaml", tmp_path)
+    overlay = ["--config", str(ROOT / "configs" / "quantization" / "qlora.yaml")]
+    cli = build(ROOT / "configs" / "phi3-mini-4k-lora.yaml", tmp_path, *overlay)
     assert cli.model.hparams.quantization == "nf4" and cli.model.hparams.torch_dtype == "bfloat16"
     if importlib.util.find_spec("bitsandbytes") is None:
         from phi3lit.model import quantization_config

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import SHARED_DATA, needs_real_tokenizer, needs_shared_data
+from helpers import SHARED_DATA, needs_real_tokenizer, needs_shared_data
 
 from phi3lit.data import ChatDataModule, DataError, detect_format, load_conversations, read_conversations
 

@@ -6,7 +6,7 @@ import re
 import shutil
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from phi3lit.cli import main
 from phi3lit.tiny import TINY_DATA

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SHARED_DATA, needs_real_tokenizer, needs_shared_data
+from helpers import SHARED_DATA, needs_real_tokenizer, needs_shared_data
 
 from phi3lit.data import ChatDataModule, ResumableSampler, describe, render_trained, tokenize_chat
 from phi3lit.tiny import TINY_DATA

@@ -6,7 +6,7 @@ Each asserts the exact message (on_bad_example: error) or the exact count (skip,
 import json
 
 import pytest
-from test_tokenize import HOSTILE, assert_exact_mask
+from helpers import HOSTILE, assert_exact_mask
 
 from phi3lit.data import IGNORE_INDEX, ChatDataModule, DataError, load_conversations, tokenize_example
 
@@ -202,7 +202,7 @@ def test_sharegpt_policy_messages_name_the_turn_in_the_file(tmp_path):
 
 
 def test_cli_stops_on_a_bad_example_with_its_location(tmp_path, capsys):
-    from conftest import ROOT
+    from helpers import ROOT
 
     from phi3lit.cli import main
 

@@ -9,7 +9,7 @@ For every generated set of conversations:
 import functools
 
 import pytest
-from conftest import REAL_TOKENIZER, needs_real_tokenizer
+from helpers import REAL_TOKENIZER, needs_real_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

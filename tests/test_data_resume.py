@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from probes import probe_arg, read_probe
 
 from phi3lit.cli import main

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from phi3lit.cli import main
 from phi3lit.errors import ConfigError

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from phi3lit.checkpoint import atomic_torch_save
 from phi3lit.cli import main
@@ -198,6 +198,14 @@ def test_killed_write_leaves_the_previous_file(tmp_path):
     assert torch.load(target, weights_only=False) == {"step": 1}
 
 
+def test_fit_writes_its_checkpoints_through_the_atomic_io(small_data, tmp_path):
+    from probes import probe_arg, read_probe
+
+    out = tmp_path / "facts.jsonl"
+    main([*fit_cmd(small_data, tmp_path / "run", *probe_arg("TrainerFacts", out))[3:], "--trainer.max_steps", "1"])
+    assert read_probe(out) == [{"checkpoint_io": "phi3lit.checkpoint.AtomicCheckpointIO"}]
+
+
 # ---------------------------------------------------------------------------- bad checkpoints
 def explain(capsys, args, code=2):
     with pytest.raises(SystemExit) as e:
@@ -244,12 +252,15 @@ def test_nonfinite_step_is_never_applied_and_stops_the_run(small_data, tmp_path,
     assert not (tmp_path / "adapter").exists()
 
 
-def test_nonfinite_steps_can_be_skipped_up_to_a_limit(small_data, tmp_path, capsys):
+def test_nonfinite_steps_can_be_skipped_up_to_a_limit(small_data, tmp_path, capsys, caplog):
+    """skip: the first two bad steps are skipped (each logged) and training goes on; the third stops the run."""
     extra = ["--optimizer.lr", "1e30", "--trainer.gradient_clip_val", "null", "--model.on_nonfinite", "skip"]
+    extra += ["--trainer.log_every_n_steps", "1"]  # check every step, so each bad step is seen as it happens
     err = explain(capsys, fit_cmd(small_data, tmp_path, *extra, "--model.max_skipped_steps", "2")[3:], code=3)
-    assert err.count("non-finite") == 1 and "at optimizer step" in err
-    out = capsys.readouterr()
-    del out
+    skipped = [int(line.split("skipped step ")[1].split(":")[0]) for line in caplog.messages if "skipped step" in line]
+    stopped = int(err.split("at optimizer step ")[1].split(";")[0].split(".")[0].split()[0])
+    assert len(skipped) == 2 and skipped == sorted(skipped) and stopped > skipped[-1]
+    assert err.count("non-finite") == 1
 
 
 # ---------------------------------------------------------------------------- environment

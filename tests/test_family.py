@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import REAL_TOKENIZER, ROOT, needs_real_tokenizer
+from helpers import REAL_TOKENIZER, ROOT, needs_real_tokenizer
 
 from phi3lit.data.chat import render_system_message, system_role_supported
 from phi3lit.errors import ConfigError

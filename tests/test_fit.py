@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from phi3lit.cli import main

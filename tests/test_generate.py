@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from phi3lit.data import tokenize_chat
 from phi3lit.generate import generate_ids, left_pad, stop_ids

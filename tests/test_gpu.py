@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -65,7 +65,7 @@ def test_flash_attention_packed_equals_sdpa(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn")
 def test_flash_attention_varlen_isolates_documents_across_rows():
     # transformers infers documents from position_ids only for one row; phi3lit passes cu_seq_lens for any batch.
-    from test_attention import packed_batch
+    from helpers import packed_batch
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from phi3lit.cli import main

@@ -1,7 +1,7 @@
 """plan: meta-device counts and a memory estimate checked against a measurement on the tiny model."""
 
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from phi3lit.cli import main
 from phi3lit.lora import LoraSpec, apply_lora

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from probes import probe_arg
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 from probes import probe_arg, read_probe
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -77,20 +77,25 @@ def shipped(config: str) -> dict:
     return yaml.safe_load((ROOT / "configs" / config).read_text())
 
 
-def needs(config: str):
-    if shipped(config)["model"].get("quantization") and importlib.util.find_spec("bitsandbytes") is None:
+def needs(config: str, overlay: str | None = None):
+    quantized = shipped(config)["model"].get("quantization") or (overlay and "quantization" in overlay)
+    if quantized and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("QLoRA needs bitsandbytes (pip install 'phi3lit[qlora]'); it quantizes on the CPU too")
 
 
-OVERLAYS = {"ddp.yaml": ["--trainer.devices", "2"]}  # strategies that run on a CPU (gloo); 2 processes
+# Overlays that run on a CPU, with their extra words: DDP on 2 processes (gloo), QLoRA (bitsandbytes quantizes on CPU).
+OVERLAYS = {"strategy/ddp.yaml": ["--trainer.devices", "2"], "quantization/qlora.yaml": []}
 CASES = [(c, None) for c in CONFIGS] + [("phi3-mini-4k-lora.yaml", overlay) for overlay in OVERLAYS]
 
 
 @pytest.mark.parametrize("config, overlay", CASES, ids=[f"{c}+{o}" if o else c for c, o in CASES])
 def test_every_shipped_config_runs_as_shipped_and_each_setting_takes_effect(config, overlay, data, tmp_path):
-    needs(config)
+    needs(config, overlay)
     cfg = shipped(config)
-    files = (f"strategy/{overlay}",) if overlay else ()
+    if overlay:
+        for key, value in yaml.safe_load((ROOT / "configs" / overlay).read_text()).items():
+            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    files = (overlay,) if overlay else ()
     extra = OVERLAYS.get(overlay, [])
     steps, output = fit_with_output(config, data, tmp_path / "run", *extra, config_files=files)
     assert [s["step"] for s in steps][:3] == [1, 2, 3]  # rank 0's steps (the probe writes there only)

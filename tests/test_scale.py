@@ -6,7 +6,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from phi3lit.data import ChatDataModule

@@ -195,7 +195,7 @@ VARIANTS = [  # one phi3lit default changed at a time: what each switch is worth
 def child(args) -> None:
     import torch
 
-    from phi3lit.callbacks import measure_matmul_flops
+    from phi3lit.monitor import measure_matmul_flops
 
     torch.manual_seed(0)
     peak = measure_matmul_flops(torch.device("cpu"), torch.float32)
