@@ -31,6 +31,7 @@ from torchmetrics import SumMetric
 
 from phi3lit import attention  # noqa: F401 (registers the sdpa_docs attention with transformers)
 from phi3lit.checkpoint import rng_states, set_rng_states
+from phi3lit.deltas import lora_delta_norms
 from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, missing_model
 from phi3lit.family import check_phi3
 from phi3lit.generate import generate_ids
@@ -362,6 +363,9 @@ class Phi3LoRA(L.LightningModule):
         self.log("step", float(self.trainer.global_step))  # the x of the state evaluated (see on_before_optimizer_step)
         self.log(f"{prefix}/ppl", torch.exp(loss))
         self.log(f"{prefix}/token_acc", self.val_correct.compute() / tokens)
+        if prefix == "val" and not isinstance(self.trainer.strategy, FSDPStrategy | DeepSpeedStrategy):
+            # Where the adaptation goes: ‖scale·B·A‖_F per module (or slice), from the weights alone (r x r products).
+            self.log_dict(lora_delta_norms(self.model, per_layer=False))
         for metric in (self.val_loss_sum, self.val_tokens, self.val_correct):
             metric.reset()
 

@@ -15,12 +15,13 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 from phi3lit import ablate as ablate_module
-from phi3lit.ablate import fit_args, load_sweep, points
 from phi3lit.errors import ConfigError
 from phi3lit.events import read_scalars
+from phi3lit.sweep import effective_scale, fit_args, load_sweep, point_dir, points
+from phi3lit.sweep_summary import summary_figure
 from phi3lit.tiny import TINY_DATA
 
 
@@ -204,7 +205,7 @@ def test_lr_sweep_summary_has_steady_tokens_per_sec_and_a_log10_lr_plot(sweep_fi
 
     png = (out / "summary.png").read_bytes()
     assert int.from_bytes(png[16:20], "big") < 1000  # one panel: both points train the same parameter count
-    fig = ablate_module.summary_figure(load_sweep(path), rows)
+    fig = summary_figure(load_sweep(path), rows)
     fig.canvas.draw()
     ticks = " ".join(t.get_text() for t in fig.axes[0].get_xticklabels())
     assert len(fig.axes) == 1 and "10^{-4}" in ticks and "10^{-3}" in ticks, ticks
@@ -238,14 +239,14 @@ def test_alpha_rules_become_each_points_alpha(tmp_path):
         point = next(p for p in points(load_sweep(path)) if p["name"] == name)
         o = point["overrides"]
         r = o["model.lora.r"]
-        got = ablate_module.effective_scale(r, o.get("model.lora.alpha", 32), o.get("model.lora.use_rslora", False))
+        got = effective_scale(r, o.get("model.lora.alpha", 32), o.get("model.lora.use_rslora", False))
         assert got == scale, name  # tiny.yaml has alpha 32
 
 
 def test_a_point_taken_by_another_worker_is_skipped_not_run(sweep_file, tmp_path):
     spec = load_sweep(sweep_file)
     spec["root"] = str(tmp_path)
-    folder = ablate_module.point_dir(spec, points(spec)[0])
+    folder = point_dir(spec, points(spec)[0])
     folder.mkdir(parents=True)
     with open(folder / ".ablate.lock", "w") as held:  # as a worker running that point holds it
         held.write("pid 4242 on node7\n")

@@ -13,22 +13,14 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
-from phi3lit.ablate import at_equal_tokens, load_sweep, points, seed_stats, t975
 from phi3lit.ablate import main as ablate_main
-from phi3lit.analyze import (
-    load_updates,
-    lora_delta_norms,
-    lowrank_svd,
-    phi,
-    subspace_similarity,
-    update_metrics,
-)
-from phi3lit.analyze import (
-    main as analyze_main,
-)
+from phi3lit.analyze import main as analyze_main
+from phi3lit.deltas import load_updates, lora_delta_norms, lowrank_svd, phi, subspace_similarity, update_metrics
 from phi3lit.errors import ConfigError
+from phi3lit.stats import at_equal_tokens, seed_stats, t975
+from phi3lit.sweep import load_sweep, points
 
 
 def orthonormal_rows(n: int, d: int, seed: int) -> torch.Tensor:

@@ -96,7 +96,7 @@ def test_qlora_config_wiring(tmp_path):
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=[p.name for p in SWEEPS])
 def test_every_sweep_point_parses(sweep, capsys, tmp_path):
-    from phi3lit.ablate import fit_args, load_sweep, points
+    from phi3lit.sweep import fit_args, load_sweep, points
 
     spec = load_sweep(sweep)
     spec["root"] = str(tmp_path)

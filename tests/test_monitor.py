@@ -35,6 +35,25 @@ def test_every_scalar_tag_is_logged(run_dir):
     assert abs(acc.Scalars("hp/val_loss")[-1].value - last_val) < 1e-6
 
 
+def test_lora_update_norms_are_logged_at_every_validation(run_dir):
+    """lora_norm/<module>: ‖scale·B·A‖_F over all layers; the last one is the saved adapter's, recomputed densely."""
+    from safetensors.torch import load_file
+
+    acc = events(run_dir)
+    modules = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert {t for t in acc.Tags()["scalars"] if t.startswith("lora_norm/")} == {f"lora_norm/{m}" for m in modules}
+    val_steps = [e.step for e in acc.Scalars("val/loss")]
+    weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    for m in modules:
+        logged = acc.Scalars(f"lora_norm/{m}")
+        assert [e.step for e in logged] == val_steps and all(e.value > 0 for e in logged)
+        squares = 0.0
+        for key in [k for k in weights if f"{m}.lora_A" in k]:
+            delta = 2.0 * weights[key.replace("lora_A", "lora_B")] @ weights[key]  # scale alpha/r = 32/16
+            squares += delta.double().pow(2).sum().item()
+        assert abs(logged[-1].value - squares**0.5) <= 1e-4 * squares**0.5  # the last validation is at the end
+
+
 def test_hparams_summary_holds_config_and_lora_facts(run_dir):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
