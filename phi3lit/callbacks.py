@@ -19,8 +19,9 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors import SafetensorError
 
+from phi3lit.clients import format_report
 from phi3lit.errors import EnvironmentProblem
-from phi3lit.export import finish_adapter_folder, format_report
+from phi3lit.export import finish_adapter_folder
 from phi3lit.monitor import tensorboard_logger
 from phi3lit.runguard import was_preempted
 

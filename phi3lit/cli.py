@@ -8,8 +8,6 @@ A run lives in one folder, `trainer.default_root_dir`:
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import os
 import sys
 from pathlib import Path
@@ -24,10 +22,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from phi3lit.allocator import keep_freed_memory
 from phi3lit.callbacks import PredictionWriter, SampleReplies, SaveAdapter
 from phi3lit.checkpoint import read_checkpoint
+from phi3lit.checks import check_devices, check_strategy, check_values
 from phi3lit.console import quiet
 from phi3lit.data import ChatDataModule
-from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, Phi3litError
-from phi3lit.lora import resolve_targets
+from phi3lit.errors import CheckpointError, ConfigError, Phi3litError
 from phi3lit.model import Phi3LoRA
 from phi3lit.monitor import TrainMonitor
 from phi3lit.optim import DEFAULTS as OPTIM_DEFAULTS
@@ -226,90 +224,6 @@ def _is_progress_bar(class_path: str | None) -> bool:
     except ImportError:
         return False
     return isinstance(cls, type) and issubclass(cls, ProgressBar)
-
-
-def check_values(config) -> None:
-    """Values that parse but cannot work fail here, before anything loads, naming their key."""
-    trainer, data = config.trainer, config.data
-    if trainer.max_steps == 0 or trainer.max_epochs == 0:
-        key = "max_steps" if trainer.max_steps == 0 else "max_epochs"
-        raise ConfigError(f"trainer.{key}=0 trains nothing (and would still write an untrained adapter)")
-    if trainer.max_steps is not None and trainer.max_steps < -1:
-        raise ConfigError(f"trainer.max_steps must be positive, or -1 for max_epochs; got {trainer.max_steps}")
-    if trainer.accumulate_grad_batches is not None and trainer.accumulate_grad_batches < 1:
-        raise ConfigError(f"trainer.accumulate_grad_batches must be at least 1, got {trainer.accumulate_grad_batches}")
-    clip = trainer.gradient_clip_val
-    if clip is not None and not (math.isfinite(clip) and clip >= 0):
-        raise ConfigError(f"trainer.gradient_clip_val must be a finite number >= 0 (0 or null: off), got {clip}")
-    optim = (config.get("optimizer") or Namespace()).get("init_args") or Namespace()
-    lr = optim.get("lr")
-    if isinstance(lr, int | float) and not (math.isfinite(lr) and lr >= 0):  # torch would accept NaN silently
-        raise ConfigError(f"optimizer.init_args.lr must be a finite number >= 0, got {lr}")  # 0: keep the adapter
-    if data.batch_size < 1:
-        raise ConfigError(f"data.batch_size must be at least 1, got {data.batch_size}")
-    if not data.val_file and data.val_fraction > 0.5:  # a typo for 0.0999 would train on a sliver of the data
-        raise ConfigError(
-            f"data.val_fraction={data.val_fraction} holds out more than half of data.train_file for validation; "
-            "use a fraction up to 0.5, or give the validation set as data.val_file"
-        )
-
-
-def check_strategy(config) -> None:
-    """Combinations with a sharding strategy that phi3lit cannot verify without GPUs are refused, not run unverified.
-
-    Lightning's FSDP and DeepSpeed run only on GPUs, so nothing here exercises them. Two parts of phi3lit are
-    known not to carry over as they are: slice targets hold their zero blocks with gradient hooks on the original
-    LoRA parameters, which FSDP's flat parameters (and DeepSpeed's partitions) bypass; and sample replies are
-    generated on rank 0 alone, which deadlocks where every forward needs all ranks (FSDP, ZeRO-3).
-    """
-    strategy = str(config.trainer.strategy).lower()
-    sharded = "fsdp" in strategy or "deepspeed" in strategy
-    if not sharded:
-        return
-    name = "FSDP" if "fsdp" in strategy else "DeepSpeed"
-    sliced = [m for m, s in resolve_targets(config.model.lora.targets).items() if s is not None]
-    if sliced:
-        raise ConfigError(
-            f"model.lora.targets={config.model.lora.targets} adapts slices of {', '.join(sliced)}, whose zero blocks "
-            f"are held by gradient hooks that {name}'s sharded parameters bypass (not verified without GPUs): target "
-            "whole modules (qkv_proj, gate_up_proj) under this strategy, or use DDP"
-        )
-    if config.samples.prompts or config.samples.prompts_file:
-        raise ConfigError(
-            f"samples.prompts: sample replies are generated on rank 0 alone, which would deadlock under {name} (every "
-            "forward needs all ranks); set samples.prompts=[] and samples.prompts_file=null, and use predict after fit"
-        )
-
-
-def check_devices(config) -> None:
-    """Settings that need a GPU fail here, before anything loads, with the key that asks for it."""
-    import torch
-
-    cuda = torch.cuda.is_available() and config.trainer.accelerator in ("auto", "gpu", "cuda")
-    precision = str(config.trainer.precision)
-    if precision.startswith("transformer-engine") and not cuda:
-        raise EnvironmentProblem(f"trainer.precision={precision} (FP8) is GPU-only: use 32-true or bf16-mixed on CPU")
-    if "bf16" in precision and cuda and not torch.cuda.is_bf16_supported():
-        raise EnvironmentProblem(f"trainer.precision={precision}: this GPU has no bf16; use 16-mixed")
-    if precision.startswith("bf16-true") and not cuda:
-        rank_zero_info(
-            f"[phi3lit] hint: trainer.precision={precision} on a CPU runs bf16 matmuls without fast kernels (a review "
-            "measured ~40x slower than 32-true on a 2-core CPU); 32-true is the CPU setting, bf16 is for GPUs"
-        )
-    strategy = str(config.trainer.strategy).lower()
-    if "fsdp" in strategy and not cuda:
-        raise EnvironmentProblem(
-            "trainer.strategy is FSDP, which Lightning runs only on CUDA GPUs: on this machine use "
-            "configs/strategy/ddp.yaml (several CPU processes with gloo) or no strategy"
-        )
-    if "deepspeed" in strategy and importlib.util.find_spec("deepspeed") is None:
-        raise EnvironmentProblem(
-            "trainer.strategy uses DeepSpeed, which is not installed: pip install 'phi3lit[deepspeed]'"
-        )
-    if config.model.attn_implementation == "flash_attention_2" and not cuda:
-        raise EnvironmentProblem(
-            "model.attn_implementation=flash_attention_2 is GPU-only (CUDA): use sdpa on this machine"
-        )
 
 
 def main(args: list[str] | None = None) -> None:

@@ -207,7 +207,7 @@ def load_updates(
     """
     from safetensors.torch import load_file
 
-    from phi3lit.export import lora_pairs, peft_scale
+    from phi3lit.clients import lora_pairs, peft_scale
     from phi3lit.lora import FUSED, read_adapter_config, resolve_targets, slice_rows
 
     cfg = adapter_config if adapter_config is not None else read_adapter_config(str(adapter_dir), "analyze:")

@@ -359,12 +359,18 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: Literal["none", "all", "
 
 
 def lora_state_dict(model: nn.Module, bias: Literal["none", "all", "lora_only"] = "none") -> dict[str, torch.Tensor]:
-    """loralib's function: the LoRA tensors (and the biases `bias` names), for a small checkpoint.
+    """loralib's function, extended to peft: everything an adapter trains, for a small checkpoint.
 
-    Load it over a base checkpoint with `model.load_state_dict(sd, strict=False)`.
+    The LoRA tensors (`lora_A`, `lora_B`, DoRA's `lora_magnitude_vector`, ...), peft's trained copies of
+    `modules_to_save`, and the biases `bias` names. phi3lit's checkpoints hold exactly this
+    (`Phi3LoRA.on_save_checkpoint`). Load it over a base checkpoint with `model.load_state_dict(sd, strict=False)`.
     """
     prefixes = _lora_module_prefixes(model)
-    return {k: v for k, v in model.state_dict().items() if "lora_" in k or _bias_selected(k, bias, prefixes)}
+    return {
+        k: v
+        for k, v in model.state_dict().items()
+        if "lora_" in k or ".modules_to_save." in k or _bias_selected(k, bias, prefixes)
+    }
 
 
 # ---------------------------------------------------------------------------- tied embeddings (Phi-4-mini)

@@ -45,6 +45,7 @@ from phi3lit.lora import (
     effective_trainable,
     install_slice_masks,
     logical_numel,
+    lora_state_dict,
     read_adapter_config,
     trainable_by_module,
 )
@@ -397,11 +398,12 @@ class Phi3LoRA(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
-    def trainable_names(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+    def adapter_state_names(self) -> set[str]:
+        """What checkpoints hold: the adapter's own state (`lora.lora_state_dict`), which is what trains."""
+        return set(lora_state_dict(self, self.lora.bias))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = self.trainable_names()
+        keep = self.adapter_state_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
         # The latest metrics ride along for the exported adapter's model card.
@@ -418,6 +420,6 @@ class Phi3LoRA(L.LightningModule):
             )
         self._rng_to_restore = checkpoint.get("rng")
         if self.model is not None:
-            missing = self.trainable_names() - set(checkpoint["state_dict"])
+            missing = self.adapter_state_names() - set(checkpoint["state_dict"])
             if missing:
                 raise CheckpointError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[0]}")

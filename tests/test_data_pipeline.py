@@ -47,7 +47,7 @@ def test_stats_are_a_flat_dict_of_ints_per_split(tmp_path, tiny_path):
     for s in dm.stats.values():
         assert all(isinstance(v, int) for v in s.values())
         assert s["examples"] == s["conversations"] + s["skipped"] + s["dropped"]
-        assert s["tokens"] == s["real_tokens"] <= s["slots"]
+        assert s["real_tokens"] <= s["slots"]
     assert dm.stats["train"]["examples"] + dm.stats["val"]["examples"] == 1200
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from helpers import ROOT
 
+from phi3lit.adapter_files import TOKENIZER_FILES, copy_tokenizer_files, split_base
 from phi3lit.cli import main
+from phi3lit.clients import preflight_adapter, refuse_if
 from phi3lit.errors import ConfigError
-from phi3lit.export import TOKENIZER_FILES, copy_tokenizer_files, preflight_adapter, refuse_if, split_base
 from phi3lit.model import Phi3LoRA
 from phi3lit.tiny import TINY_DATA
 

@@ -40,6 +40,23 @@ def test_only_lora_is_trainable_with_exact_count(tiny_path):
     assert module.param_counts()[0] == 2 * per_layer == 114_688
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        LoraSpec(dropout=0.0),
+        LoraSpec(targets=["q", "v"], modules_to_save=["lm_head"]),
+        LoraSpec(targets=["o_proj"], use_dora=True),
+    ],
+    ids=["all-linear", "slices+modules_to_save", "dora"],
+)
+def test_checkpoints_hold_exactly_what_trains(tiny_path, spec):
+    """The checkpoint filter is lora.lora_state_dict: LoRA tensors, DoRA magnitudes, modules_to_save copies."""
+    module = Phi3LoRA(pretrained=tiny_path, lora=spec)
+    module.configure_model()
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert module.adapter_state_names() == trainable
+
+
 def test_real_phi3_mini_shape_count_on_meta():
     from transformers import Phi3Config, Phi3ForCausalLM
 

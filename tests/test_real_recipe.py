@@ -28,13 +28,12 @@ def qkv_b(adapter_dir) -> list[torch.Tensor]:
     return [v for k, v in sorted(weights.items()) if "qkv_proj.lora_B" in k]
 
 
-def test_continuing_from_a_slice_adapter_keeps_the_off_slices_zero(small_data, tmp_path, capfd):
+def test_continuing_from_a_slice_adapter_keeps_the_off_slices_zero(small_data, tmp_path, caplog):
     """`model.adapter` with `[q, v]`: the k rows of qkv_proj stay exactly zero, and the count is the fresh one."""
     qv = ["--model.lora.targets", "[q, v]", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3"]
     fit(small_data, tmp_path / "first", *qv)
     fit(small_data, tmp_path / "second", *qv, "--model.adapter", str(tmp_path / "first" / "adapter"))
-    out = capfd.readouterr()
-    counts = [line for line in (out.out + out.err).splitlines() if "trainable params:" in line]
+    counts = [line for line in caplog.messages if "trainable params:" in line]
     assert len(counts) == 2 and counts[0].split("||")[0] == counts[1].split("||")[0]  # not doubled
     h, r = 256, 16  # tiny hidden size; q, k, v are 256 rows each
     first, second = qkv_b(tmp_path / "first" / "adapter"), qkv_b(tmp_path / "second" / "adapter")

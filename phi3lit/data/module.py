@@ -175,7 +175,6 @@ class ChatDataModule(L.LightningDataModule):
             "skipped": sum(skipped.values()),
             **skipped,
             "rows": len(rows),
-            "tokens": real,  # the same as real_tokens; the original name
             "real_tokens": real,
             "trained_tokens": sum(trained[i] for i in kept),
             "slots": len(rows) * hp.max_length,
