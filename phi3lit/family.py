@@ -60,7 +60,7 @@ class Member:
 
 
 # ---------------------------------------------------------------------------- chat templates (verbatim)
-# microsoft/Phi-3-mini-4k-instruct's tokenizer_config.json (also phi3lit.tiny.PHI3_CHAT_TEMPLATE).
+# microsoft/Phi-3-mini-4k-instruct's tokenizer_config.json (the tiny tokenizer ships it too: phi3lit.tiny).
 MINI_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
@@ -183,7 +183,7 @@ FAMILY: dict[str, Member] = {
             "dotnet/machinelearning src/Microsoft.ML.GenAI.Phi/Resource/Config/phi-3-mini-4k-instruct-config.json "
             "(verbatim copy); the same values were already in phi3lit.plan",
             MINI_TEMPLATE,
-            "phi3lit.tiny.PHI3_CHAT_TEMPLATE (copied from the hub file)",
+            "the hub file, copied into phi3lit (the tiny tokenizer ships the same text)",
             "configs/phi3-mini-4k-lora.yaml",
             "mini-4k",
             "3.8B",

@@ -20,21 +20,15 @@ import random
 import tempfile
 from pathlib import Path
 
+# Phi-3's chat template, verbatim from microsoft/Phi-3-mini-4k-instruct's tokenizer_config.json (kept in family.py).
+from phi3lit.family import MINI_TEMPLATE as PHI3_CHAT_TEMPLATE
+
 ASSETS = Path(__file__).parent / "assets"
 TINY_DATA = ASSETS / "tiny_chat.jsonl"
 TINY_TOKENIZER = ASSETS / "tiny-tokenizer"
 BUILTIN_PREFIX = "builtin:"
 TINY_NAME = "builtin:tiny-phi3"
 
-# Phi-3's chat template, verbatim from microsoft/Phi-3-mini-4k-instruct's tokenizer_config.json.
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 # <unk> first so that the pad id is 0, as in Phi-3 (padding with eos teaches a model never to stop).
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 

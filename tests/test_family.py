@@ -450,3 +450,9 @@ def test_family_member_fits_exports_and_reloads(shape, small_data, tmp_path):
     with torch.no_grad():
         got = merged(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@needs_real_tokenizer
+def test_the_mini_template_is_the_real_tokenizers():
+    config = json.loads((REAL_TOKENIZER / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == MINI_TEMPLATE
