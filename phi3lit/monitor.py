@@ -9,6 +9,9 @@ Lightning's `get_available_flops` where it knows the device; on a CPU, which it 
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import resource
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from phi3lit.events import read_scalars
 from phi3lit.lightning_compat import accumulating, logging_this_step
 from phi3lit.loss import IGNORE_INDEX
+from phi3lit.tiny import cache_root
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.25) -> float:
@@ -45,6 +49,43 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
             torch.cuda.synchronize(device)
         best = max(best, 2 * n**3 * iters / (time.perf_counter() - start))
     return best
+
+
+def _cpu_roof_key(dtype: torch.dtype) -> str:
+    """What the measured roof depends on: the CPU model, the threads torch uses, the BLAS (torch's build), dtype."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")] if cpuinfo.exists() else []
+    model = names[0].split(":", 1)[1].strip() if names else platform.processor() or platform.machine()
+    return f"{model} | {os.cpu_count()} cpus | {torch.get_num_threads()} threads | torch {torch.__version__} | {dtype}"
+
+
+def cpu_roof(dtype: torch.dtype, raised: float | None = None) -> float:
+    """The CPU's matmul roof, measured once per machine and kept in phi3lit's cache (`peak_flops.json`).
+
+    Measuring takes ~3 s, which a short run would pay every time. `raised`: a rate training reached above the
+    roof (the measurement was low, e.g. on a busy machine); it replaces the kept value, so later runs start there.
+    """
+    path = cache_root() / "peak_flops.json"
+    key = _cpu_roof_key(dtype)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = None
+    known = known if isinstance(known, dict) else {}
+    if raised is not None:
+        value = raised
+    elif isinstance(known.get(key), float):
+        return known[key]
+    else:  # the best of several sizes: one size can sit in a slow spot of the BLAS library's kernels
+        value = max(measure_matmul_flops(torch.device("cpu"), dtype, n) for n in (512, 1024, 2048))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({**known, key: value}, indent=1))
+        os.replace(tmp, path)  # atomic: runs starting together never read half a file
+    except OSError:
+        pass  # a read-only cache costs a measurement per run, nothing else
+    return value
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -89,6 +130,7 @@ class TrainMonitor(L.Callback):
         self.flops_per_token, self.head_flops_per_trained, self.attn_flops_per_ctx = model_flops(pl_module)
         device = pl_module.device
         self.peak_source = "monitor.peak_flops"
+        self._cached_roof = None  # the dtype of a CPU roof from the cache
         if self.peak_flops is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             known = get_available_flops(device, dtype)  # Lightning's table of vendor peaks (GPUs, TPUs)
@@ -96,6 +138,9 @@ class TrainMonitor(L.Callback):
                 self.peak_flops = float(known)
                 name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
                 self.peak_source = f"Lightning's get_available_flops for {name}, {dtype}"
+            elif device.type == "cpu":
+                self.peak_flops, self._cached_roof = cpu_roof(dtype), dtype
+                self.peak_source = "an estimate: the fastest square matmul measured on this CPU, raised if exceeded"
             else:  # the best of several sizes: one size can sit in a slow spot of the BLAS library's kernels
                 self.peak_flops = max(measure_matmul_flops(device, dtype, n) for n in (512, 1024, 2048))
                 self.peak_source = "an estimate: the fastest square matmul measured at start, raised if exceeded"
@@ -144,6 +189,8 @@ class TrainMonitor(L.Callback):
             # kernel the probe did not hit). MFU above 1 means nothing, so the estimate is raised to what was seen.
             rank_zero_info(f"[phi3lit] MFU peak estimate raised to {achieved / 1e12:.3f} TFLOP/s (reached in training)")
             self.peak_flops = achieved
+            if self._cached_roof is not None:  # kept for the next run on this CPU
+                cpu_roof(self._cached_roof, raised=achieved)
         return achieved / self.peak_flops
 
     def on_validation_start(self, trainer, pl_module) -> None:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import ROOT
 
-from phi3lit.cli import Phi3LitCLI, main
+from phi3lit.cli import Phi3LitCLI
+from phi3lit.commands import main
 from phi3lit.data import ChatDataModule
 from phi3lit.lora import apply_lora
 from phi3lit.model import Phi3LoRA

@@ -13,8 +13,8 @@ import torch
 from helpers import ROOT
 
 from phi3lit.adapter_files import TOKENIZER_FILES, copy_tokenizer_files, split_base
-from phi3lit.cli import main
 from phi3lit.clients import preflight_adapter, refuse_if
+from phi3lit.commands import main
 from phi3lit.errors import ConfigError
 from phi3lit.model import Phi3LoRA
 from phi3lit.tiny import TINY_DATA
@@ -198,6 +198,7 @@ def test_modules_to_save_and_dora_are_refused_for_vllm_and_llama_cpp(tiny_path, 
 
 
 # ---------------------------------------------------------------------------- files around the tensors
+@pytest.mark.parametrize("trained", [next(iter(VARIANTS))], indirect=True)  # the LoRA layout does not matter here
 def test_tokenizer_files_are_the_bases_bytes(trained, tiny_path, tmp_path):
     ckpt, _, _ = trained
     base_files = [n for n in TOKENIZER_FILES if (Path(tiny_path) / n).is_file()]

@@ -422,7 +422,7 @@ def test_family_member_fits_exports_and_reloads(shape, small_data, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from phi3lit.cli import main
+    from phi3lit.commands import main
     from phi3lit.model import Phi3LoRA
 
     run = tmp_path / "run"

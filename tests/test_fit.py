@@ -7,7 +7,7 @@ import torch
 from helpers import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from phi3lit.cli import main
+from phi3lit.commands import main
 from phi3lit.model import Phi3LoRA
 from phi3lit.tiny import TINY_DATA
 

@@ -12,7 +12,7 @@ import yaml
 from helpers import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from phi3lit.cli import main
+from phi3lit.commands import main
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 

@@ -103,3 +103,22 @@ def test_validation_metrics_are_token_weighted(tiny_path, tmp_path):
     assert abs(metrics["val/loss"] - total / n) < 1e-5
     assert abs(metrics["val/ppl"] - torch.exp(torch.tensor(total / n)).item()) < 1e-3
     assert abs(metrics["val/token_acc"] - correct / n) < 1e-6
+
+
+def test_cpu_roof_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """The ~3 s matmul measurement runs on a machine's first fit; later fits read it; a raised roof replaces it."""
+    import json
+
+    from phi3lit.monitor import cpu_roof
+
+    monkeypatch.setenv("PHI3LIT_CACHE", str(tmp_path))
+    measured = cpu_roof(torch.float32)
+    kept = json.loads((tmp_path / "peak_flops.json").read_text())
+    (key,) = kept
+    assert kept[key] == measured > 1e8 and "torch.float32" in key and f"{torch.get_num_threads()} threads" in key
+    (tmp_path / "peak_flops.json").write_text(json.dumps({key: 1.5e9}))
+    assert cpu_roof(torch.float32) == 1.5e9  # read, not measured again
+    assert cpu_roof(torch.float32, raised=2.5e9) == 2.5e9
+    assert cpu_roof(torch.float32) == 2.5e9
+    (tmp_path / "peak_flops.json").write_text("{not json")
+    assert cpu_roof(torch.float32) > 1e8  # a damaged cache is measured over, not an error

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from probes import probe_arg, read_probe
 
-from phi3lit.cli import main
+from phi3lit.commands import main
 from phi3lit.optim import WarmupCosine
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 import torch
 from helpers import ROOT
 
-from phi3lit.cli import main
+from phi3lit.commands import main
 from phi3lit.lora import LoraSpec, apply_lora
 from phi3lit.plan import estimate, saved_bytes
 

@@ -1,6 +1,7 @@
 """The recipe matrix: every shipped config runs as users run it, and every setting has its observable effect.
 
-Each case is `python -m phi3lit fit --config configs/X.yaml [overlay]` in a subprocess, shrunk only in model
+Each case is `phi3lit fit --config configs/X.yaml [overlay]` through the CLI's entry point (in this process; the
+DDP case as a command, since Lightning starts its second rank by re-running the command line), shrunk only in model
 (`model.pretrained` -> the built-in tiny Phi-3), data (small local files instead of the hub dataset) and length
 (`max_steps`, `max_length`, validation interval). Everything else, precision, clipping, checkpointing, LoRA,
 optimizer, stays as shipped. A probe callback (tests/probes.py, added with `--trainer.callbacks+=` as a user adds
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,7 @@ from probes import probe_arg, read_probe
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from phi3lit.commands import main
 from phi3lit.tiny import TINY_DATA
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
@@ -57,15 +61,35 @@ def fit(config: str, data, root: Path, *extra: str, config_files: tuple[str, ...
 
 
 def fit_with_output(config: str, data, root: Path, *extra: str, config_files: tuple[str, ...] = ()):
+    """Run the fit; return the probe's records and what the run printed, logged and warned."""
     probe = root.parent / f"{root.name}.probe.jsonl"
     configs = [w for c in (config, *config_files) for w in ("--config", str(ROOT / "configs" / c))]
-    cmd = [sys.executable, "-m", "phi3lit", "fit", *configs, *shrink(config, data, root), *extra]
-    cmd += probe_arg("TrainingStepFacts", probe)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "eval mode at the start of training" not in proc.stdout + proc.stderr
-    return read_probe(probe), proc.stdout + proc.stderr
+    args = ["fit", *configs, *shrink(config, data, root), *extra, *probe_arg("TrainingStepFacts", probe)]
+    if "strategy/ddp.yaml" in config_files:  # Lightning's launcher re-runs the command line for rank 1
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+        cmd = [sys.executable, "-m", "phi3lit", *args]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        output = proc.stdout + proc.stderr
+    else:
+        output = run_main(args)
+    assert "eval mode at the start of training" not in output
+    return read_probe(probe), output
+
+
+def run_main(args: list[str]) -> str:
+    """`phi3lit ARGS` in this process: its log lines and warnings, as the terminal would show them."""
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")  # phi3lit's own filters (console.quiet) still apply on top
+            main(args)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return "\n".join([*lines, *(str(w.message) for w in seen)])
 
 
 def adapter_moved(root: Path) -> bool:
@@ -124,16 +148,18 @@ def test_every_shipped_config_runs_as_shipped_and_each_setting_takes_effect(conf
 
 
 @pytest.mark.parametrize("fragment", ["fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
-def test_gpu_only_strategies_say_so_on_a_cpu(fragment, data, tmp_path):
+def test_gpu_only_strategies_say_so_on_a_cpu(fragment, data, tmp_path, capsys):
     """The overlays that cannot run here fail before loading anything, with one line naming what they need."""
     if "deepspeed" in fragment and importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("deepspeed is installed here: the GPU checks in tests/test_gpu.py cover it")
     strategy = ["--config", str(ROOT / "configs" / "strategy" / fragment)]
-    cmd = [sys.executable, "-m", "phi3lit", "fit", "--config", str(ROOT / "configs" / "phi3-mini-4k-lora.yaml")]
-    cmd += [*strategy, *shrink("phi3-mini-4k-lora.yaml", data, tmp_path / "run")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "phi3lit: environment error: trainer.strategy" in proc.stderr  # FSDP: GPUs only; DeepSpeed: the extra
+    args = ["fit", "--config", str(ROOT / "configs" / "phi3-mini-4k-lora.yaml")]
+    with pytest.raises(SystemExit) as e:
+        main([*args, *strategy, *shrink("phi3-mini-4k-lora.yaml", data, tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "phi3lit: environment error: trainer.strategy" in err  # FSDP: GPUs only; DeepSpeed: the extra
+    assert not (tmp_path / "run").exists()  # before loading anything
 
 
 def test_gradient_checkpointing_keeps_fewer_activations(data, tmp_path):
