@@ -28,7 +28,7 @@ SHARED = ROOT.parent / "shared"
 SHAPE = dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6,
              intermediate_size=1024, vocab_size=32064, max_position_embeddings=4096, sliding_window=None)  # fmt: skip
 ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-ROWS, LENGTH = 4, 1024
+ROWS, LENGTH = 4, 1024  # rows x tokens per optimizer step (--length changes the row length)
 
 
 def tokenizer_path() -> str:
@@ -102,7 +102,7 @@ def lora_config(task_type: str | None = "CAUSAL_LM"):
 
 
 # ---------------------------------------------------------------------------- phi3lit
-def run_phi3lit(model_dir: str, steps: int, warmup: int, peak: float, options: dict) -> dict:
+def run_phi3lit(model_dir: str, steps: int, warmup: int, peak: float, options: dict, length: int = LENGTH) -> dict:
     """phi3lit as its CLI runs it (allocator kept unless `allocator: system`); `options` change one default."""
     import lightning as L
 
@@ -125,8 +125,8 @@ def run_phi3lit(model_dir: str, steps: int, warmup: int, peak: float, options: d
     L.seed_everything(0)
     lora = LoraSpec(r=16, alpha=32, dropout=options.pop("dropout", 0.05))
     data_options = {k: options.pop(k) for k in ("num_workers", "train_on") if k in options}
-    module = Phi3LoRA(pretrained=model_dir, lora=lora, max_length=LENGTH, **options)
-    dm = ChatDataModule(data_path(), val_fraction=0.0, tokenizer=model_dir, max_length=LENGTH, batch_size=ROWS,
+    module = Phi3LoRA(pretrained=model_dir, lora=lora, max_length=length, **options)
+    dm = ChatDataModule(data_path(), val_fraction=0.0, tokenizer=model_dir, max_length=length, batch_size=ROWS,
                         **data_options)  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", precision="32-true", max_steps=steps + warmup, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -136,7 +136,9 @@ def run_phi3lit(model_dir: str, steps: int, warmup: int, peak: float, options: d
 
 
 # ---------------------------------------------------------------------------- TRL
-def run_trl(model_dir: str, steps: int, warmup: int, peak: float, packing: str, checkpointing: bool) -> dict:
+def run_trl(
+    model_dir: str, steps: int, warmup: int, peak: float, packing: str, checkpointing: bool, length: int = LENGTH
+) -> dict:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -155,7 +157,7 @@ def run_trl(model_dir: str, steps: int, warmup: int, peak: float, packing: str, 
             ids = inputs["input_ids"]
             real = int(mask.sum()) if mask is not None else int(ids.numel())
             pos = inputs.get("position_ids")
-            ctx = int((pos + 1).sum()) if pos is not None else real * LENGTH // 2
+            ctx = int((pos + 1).sum()) if pos is not None else real * length // 2
             labels = inputs.get("labels")  # TRL's loss covers every token of a messages dataset
             clock.batch(real, ctx, int((labels[:, 1:] != -100).sum()) if labels is not None else real)
             return super().training_step(model, inputs, num_items_in_batch)
@@ -165,7 +167,7 @@ def run_trl(model_dir: str, steps: int, warmup: int, peak: float, packing: str, 
             clock.step_end()
 
     config = SFTConfig(
-        output_dir=str(Path(model_dir).parent / "trl-out"), max_length=LENGTH, packing=True,
+        output_dir=str(Path(model_dir).parent / "trl-out"), max_length=length, packing=True,
         packing_strategy=packing, per_device_train_batch_size=ROWS, gradient_accumulation_steps=1,
         gradient_checkpointing=checkpointing, max_steps=steps + warmup, learning_rate=2e-4, logging_steps=1000,
         save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0,
@@ -200,10 +202,10 @@ def child(args) -> None:
     torch.manual_seed(0)
     peak = measure_matmul_flops(torch.device("cpu"), torch.float32)
     if args.child == "phi3lit":
-        result = run_phi3lit(args.model, args.steps, args.warmup, peak, json.loads(args.options))
+        result = run_phi3lit(args.model, args.steps, args.warmup, peak, json.loads(args.options), args.length)
     else:
         packing, gc = args.child.split(":")[1], args.child.endswith(":gc")
-        result = run_trl(args.model, args.steps, args.warmup, peak, packing, gc)
+        result = run_trl(args.model, args.steps, args.warmup, peak, packing, gc, args.length)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -232,6 +234,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["phi3lit", "trl"], help="run one framework")
     parser.add_argument("--variants", action="store_true", help="also phi3lit with each option switched")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; the median is reported")
+    parser.add_argument("--length", type=int, default=LENGTH, help="tokens per packed row (4 rows per step)")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for results.json / results.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -245,7 +248,8 @@ def main() -> None:
     for _ in range(args.repeat):  # repeats interleave (A B C A B C), so slow drifts of the machine hit all alike
         for i, (_table, env_name, env, who, options) in enumerate(runs):
             cmd = [sys.executable, __file__, "--child", who, "--model", str(model_dir), "--options",
-                   json.dumps(options), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+                   json.dumps(options), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--length", str(args.length)]  # fmt: skip
             proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -277,6 +281,7 @@ def write(results: list[dict], out: Path, args) -> None:
     flags = f" --only {args.only}" if args.only else ""
     flags += " --variants" if args.variants else ""
     flags += f" --repeat {args.repeat}" if args.repeat > 1 else ""
+    flags += f" --length {args.length}" if args.length != LENGTH else ""
     flags += f" --options '{args.options}'" if args.options != "{}" else ""
     lines = [
         f"`python experiments/bench/run.py --steps {args.steps} --warmup {args.warmup}{flags}`, "

@@ -29,12 +29,14 @@ _spec = importlib.util.spec_from_file_location("bench_run", HERE / "run.py")  # 
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-TOKENS_PER_STEP = 4096  # slots per optimizer step, whatever the row length
+TOKENS_PER_STEP = 4096  # slots per optimizer step, whatever the row length (--tokens_per_step)
 RANK_AT = 16  # rank of the length sweep
 LENGTH_AT = 1024  # length of the rank sweep
 
 
-def measure(model_dir: str, seq_len: int, rank: int, steps: int, warmup: int, allocator: str, attn: str | None) -> dict:
+def measure(
+    model_dir: str, seq_len: int, rank: int, steps: int, warmup: int, allocator: str, attn: str | None, slots: int
+) -> dict:
     """One point, in this process: train `warmup + steps` steps and time the last `steps`."""
     import lightning as L
 
@@ -60,7 +62,7 @@ def measure(model_dir: str, seq_len: int, rank: int, steps: int, warmup: int, al
             clock.step_end()
 
     L.seed_everything(0)
-    rows = TOKENS_PER_STEP // seq_len
+    rows = slots // seq_len
     # Without --attn no option is passed: the point measures phi3lit's defaults.
     options = {"attn_implementation": attn} if attn else {}
     lora = LoraSpec(r=rank, alpha=2 * rank, dropout=0.05)
@@ -84,6 +86,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1: the clock starts there)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="row lengths")
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128], help="LoRA ranks")
+    parser.add_argument("--tokens_per_step", type=int, default=TOKENS_PER_STEP, help="token slots per step")
     parser.add_argument("--allocator", choices=["keep", "system"], default="keep", help="as the CLI's --allocator")
     parser.add_argument("--attn", help="model.attn_implementation (default: phi3lit's), e.g. sdpa for the dense mask")
     parser.add_argument("--out", default=str(HERE), help="folder for scaling.json / .md / .png")
@@ -94,16 +97,17 @@ def main() -> int:
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be at least 1")
-    if any(n <= 0 or TOKENS_PER_STEP % n for n in args.lengths):  # else steps would not hold the same tokens
-        parser.error(f"--lengths must divide {TOKENS_PER_STEP}")
+    slots = args.tokens_per_step
     if args.replot:
         plot(json.loads((Path(args.out) / "scaling.json").read_text()), Path(args.out) / "scaling.png", args.reference)
         return 0
     if args.point:
         seq_len, rank = map(int, args.point.split(","))
-        result = measure(args.model, seq_len, rank, args.steps, args.warmup, args.allocator, args.attn)
+        result = measure(args.model, seq_len, rank, args.steps, args.warmup, args.allocator, args.attn, slots)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
+    if any(n <= 0 or slots % n for n in [*args.lengths, LENGTH_AT]):  # else steps would not hold the same tokens
+        parser.error(f"--lengths (and the rank sweep's {LENGTH_AT}) must divide --tokens_per_step {slots}")
 
     from phi3lit.tiny import cache_root
 
@@ -113,6 +117,7 @@ def main() -> int:
     for sweep, seq_len, rank in points:
         cmd = [sys.executable, __file__, "--point", f"{seq_len},{rank}", "--model", str(model_dir),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--allocator", args.allocator,
+               "--tokens_per_step", str(slots),
                *(["--attn", args.attn] if args.attn else [])]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=bench.ROOT)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -176,7 +181,8 @@ def plot(results: list[dict], path: Path, reference: str | None = None) -> None:
             ax.set_ylabel(ylabel)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-    fig.suptitle(f"phi3lit scaling, {TOKENS_PER_STEP} token slots per step, fp32, {os.cpu_count()} CPU cores")
+    slots = results[0]["rows_per_step"] * results[0]["seq_len"] if results else TOKENS_PER_STEP
+    fig.suptitle(f"phi3lit scaling, {slots} token slots per step, fp32, {os.cpu_count()} CPU cores")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
