@@ -1,4 +1,4 @@
-"""The files around an adapter's tensors, and the split (Llama-layout) form.
+"""The files around an adapter's tensors: reading a saved adapter's config, writing exports, the split form.
 
 Every export carries the base's own tokenizer files byte for byte (llama.cpp's converter needs Phi-3's
 sentencepiece `tokenizer.model`, which `save_pretrained` in transformers 5 no longer writes), the base's public name
@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from phi3lit.errors import ConfigError
-from phi3lit.lora import FUSED, resolve_targets, slice_rows
+from phi3lit.lora import FUSED, LoraSpec, peft_config, resolve_targets, slice_rows
 
 SPLIT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj"}
 # Files that make up a tokenizer in a Hugging Face model folder; copied from the base as they are.
@@ -28,6 +28,50 @@ TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
 )  # fmt: skip
+
+
+def read_adapter_config(folder: str, key: str) -> dict:
+    """A peft adapter folder's adapter_config.json, or a one-line error naming `key` and what is wrong."""
+    config = Path(folder) / "adapter_config.json"
+    if not Path(folder).is_dir():
+        raise ConfigError(f"{key} {folder}: no such folder (a run's adapter is at <run>/adapter)")
+    if not config.is_file():
+        raise ConfigError(f"{key} {folder}: no adapter_config.json there; is it a peft adapter folder?")
+    try:
+        cfg = json.loads(config.read_text())
+        cfg["base_model_name_or_path"]  # noqa: B018 (every peft adapter config has it)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{config}: not a peft adapter config ({type(e).__name__}: {e})") from None
+    if not (Path(folder) / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"{key} {folder}: no adapter_model.safetensors there")
+    return cfg
+
+
+def check_adapter_matches(saved, spec: LoraSpec, where: str) -> None:
+    """A saved adapter's peft config must be the one `spec` describes, or its slice masks would be wrong."""
+    expected = peft_config(spec)
+    fields = {
+        "r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+        "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern", "use_rslora": "use_rslora",
+        "use_dora": "use_dora", "modules_to_save": "modules_to_save", "bias": "bias",
+    }  # fmt: skip
+    diffs = []
+    for field_name, key in fields.items():
+        a, b = getattr(saved, field_name), getattr(expected, field_name)
+        if isinstance(a, list | set | tuple) or isinstance(b, list | set | tuple):
+            a, b = sorted(a or []), sorted(b or [])
+        if key == "targets":  # the saved side names modules; the spec may name slices (q, v) of them
+            mismatch = a != b or saved.rank_pattern != expected.rank_pattern
+        else:
+            mismatch = (a or None) != (b or None) if isinstance(a, dict | list) else a != b
+        if mismatch:
+            diffs.append(f"{field_name}: adapter {a!r}, model.lora gives {b!r} (model.lora.{key})")
+    if diffs:
+        raise ConfigError(
+            f"model.adapter={where!r} was trained with other LoRA settings than model.lora: "
+            + "; ".join(diffs)
+            + ". Set model.lora to the adapter's settings (its run's config.yaml has them)."
+        )
 
 
 def public_base_name(pretrained: str) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from phi3lit.adapter_files import read_adapter_config
 from phi3lit.analysis_figures import (
     kind_order,
     modules_figure,
@@ -36,7 +37,6 @@ from phi3lit.analysis_figures import (
 )
 from phi3lit.deltas import BaseWeights, Update, load_updates, subspace_similarity, update_metrics
 from phi3lit.errors import ConfigError
-from phi3lit.lora import read_adapter_config
 from phi3lit.stats import seed_stats, stat_cell
 from phi3lit.sweep import dotted, run_config
 

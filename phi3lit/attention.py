@@ -68,3 +68,16 @@ def document_attention(
 AttentionInterface.register(NAME, document_attention)
 # Generation passes padding masks and a cache, so the mask is built as for `sdpa`; in training it is ignored.
 AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def document_kwargs(batch: dict, attn_implementation: str) -> dict:
+    """Where each packed conversation starts, for kernels that skip the dense mask (none: they use it)."""
+    if "cu_seq_lens" not in batch:
+        return {}
+    if attn_implementation == "sdpa_docs":
+        return {"doc_offsets": torch.tensor(batch["doc_offsets"])}  # built on the host: no device sync
+    if attn_implementation == "flash_attention_2":
+        # transformers infers documents from position_ids only for a single row; these cover any batch.
+        cu, longest = batch["cu_seq_lens"], batch["max_seq_len"]
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return {}

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 
+from phi3lit.adapter_files import read_adapter_config
 from phi3lit.data.pack import left_pad
 from phi3lit.errors import ConfigError, missing_model
 from phi3lit.generate import generate_ids
-from phi3lit.lora import read_adapter_config
 from phi3lit.tiny import resolve_pretrained
 
 

@@ -207,8 +207,9 @@ def load_updates(
     """
     from safetensors.torch import load_file
 
+    from phi3lit.adapter_files import read_adapter_config
     from phi3lit.clients import lora_pairs, peft_scale
-    from phi3lit.lora import FUSED, read_adapter_config, resolve_targets, slice_rows
+    from phi3lit.lora import FUSED, resolve_targets, slice_rows
 
     cfg = adapter_config if adapter_config is not None else read_adapter_config(str(adapter_dir), "analyze:")
     tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))

@@ -29,7 +29,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
-from phi3lit import attention  # noqa: F401 (registers the sdpa_docs attention with transformers)
+from phi3lit.adapter_files import check_adapter_matches, read_adapter_config
+from phi3lit.attention import document_kwargs  # importing it registers the sdpa_docs attention
 from phi3lit.checkpoint import rng_states, set_rng_states
 from phi3lit.deltas import lora_delta_norms
 from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, missing_model
@@ -40,38 +41,18 @@ from phi3lit.lightning_compat import logging_this_step
 from phi3lit.lora import (
     LoraSpec,
     apply_lora,
-    check_adapter_matches,
     check_rank,
     effective_trainable,
     install_slice_masks,
     logical_numel,
     lora_state_dict,
-    read_adapter_config,
     trainable_by_module,
 )
 from phi3lit.loss import chunked_cross_entropy, loss_index
 from phi3lit.optim import WarmupCosine, default_optimizer, default_scheduler
+from phi3lit.quantization import quantization_config
 from phi3lit.rope import install_document_rope
 from phi3lit.tiny import resolve_pretrained
-
-
-def quantization_config(kind: str | None):
-    """transformers' BitsAndBytesConfig for QLoRA (Dettmers et al. 2023): NF4, double quantization, bf16 compute."""
-    if kind is None:
-        return None
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise EnvironmentProblem(
-            f"model.quantization={kind} needs bitsandbytes: pip install 'phi3lit[qlora]' "
-            "(fast on CUDA GPUs; recent versions also run 4-bit on CPU)"
-        )
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
 
 
 class Phi3LoRA(L.LightningModule):
@@ -240,7 +221,7 @@ class Phi3LoRA(L.LightningModule):
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
             use_cache=False,  # with a cache, transformers ignores position_ids for the packed mask
-            **self._document_kwargs(batch),
+            **document_kwargs(batch, self.hparams.attn_implementation),
         ).last_hidden_state
         index = batch.get("loss_index")
         if index is None:  # a batch not made by collate: find the trained positions here
@@ -250,18 +231,6 @@ class Phi3LoRA(L.LightningModule):
             hidden.flatten(0, 1).index_select(0, index), causal_lm.lm_head, targets, self.hparams.ce_chunk
         )
         return loss_sum, torch.full((), index.numel(), device=targets.device), correct
-
-    def _document_kwargs(self, batch: dict) -> dict:
-        """Where each packed conversation starts, for kernels that skip the dense mask (none: they use it)."""
-        if "cu_seq_lens" not in batch:
-            return {}
-        if self.hparams.attn_implementation == "sdpa_docs":
-            return {"doc_offsets": torch.tensor(batch["doc_offsets"])}  # built on the host: no device sync
-        if self.hparams.attn_implementation == "flash_attention_2":
-            # transformers infers documents from position_ids only for a single row; these cover any batch.
-            cu, longest = batch["cu_seq_lens"], batch["max_seq_len"]
-            return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
-        return {}
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # Restored here, not at load time, so that nothing Lightning does in between shifts the streams.

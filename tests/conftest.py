@@ -1,8 +1,6 @@
 """Shared fixtures. Tests never touch the network: hub access is switched off before anything imports it."""
 
 import os
-import subprocess
-import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -21,7 +19,7 @@ import pytest  # noqa: E402
 # worker; then pytest's caplog (on the root logger) would see none of phi3lit's lines.
 for _name in ("lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).propagate = True
-from helpers import REAL_TOKENIZER, ROOT  # noqa: E402
+from helpers import REAL_TOKENIZER, ROOT, run_main  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +47,7 @@ def real_tokenizer():
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
-    """The README's main job, exactly as a user runs it: fitted once per test session, shared by the workers."""
+    """The README's main job, with the user's command words: fitted once per test session, shared by the workers."""
     import fcntl
 
     base = tmp_path_factory.getbasetemp()
@@ -60,10 +58,8 @@ def run_dir(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker fits; the others wait and reuse the run
         if not (out / "adapter").is_dir():
             config = str(ROOT / "configs" / "tiny.yaml")
-            cmd = [sys.executable, "-m", "phi3lit", "fit", "--config", config, "--trainer.default_root_dir", str(out)]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            assert "trainable params: 114,688" in proc.stdout + proc.stderr
+            output = run_main(["fit", "--config", config, "--trainer.default_root_dir", str(out)])
+            assert "trainable params: 114,688" in output
     return out
 
 

@@ -1,14 +1,17 @@
-"""What several test files share: paths, skip markers, the CLI words of a small fit, mask and batch helpers.
+"""What several test files share: paths, skip markers, an in-process CLI run, mask and batch helpers.
 
 Fixtures live in conftest.py; probe callbacks (loaded by class path from the CLI) in probes.py. Tests import
 helpers from here, never from each other.
 """
 
+import logging
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from phi3lit.commands import main
 from phi3lit.data import IGNORE_INDEX, collate, tokenize_chat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +66,18 @@ def packed_batch(lengths_per_row: list[list[int]], vocab: int, seed: int = 0) ->
             convs.append({"input_ids": ids, "labels": ids})
         rows.append(convs)
     return collate(rows, pad_id=0)
+
+
+def run_main(args: list[str]) -> str:
+    """`phi3lit ARGS` in this process (no interpreter start-up): its log lines and warnings, as a terminal shows."""
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")  # phi3lit's own filters (console.quiet) still apply on top
+            main(args)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return "\n".join([*lines, *(str(w.message) for w in seen)])

@@ -89,7 +89,7 @@ def test_qlora_config_wiring(tmp_path):
     cli = build(ROOT / "configs" / "phi3-mini-4k-lora.yaml", tmp_path, *overlay)
     assert cli.model.hparams.quantization == "nf4" and cli.model.hparams.torch_dtype == "bfloat16"
     if importlib.util.find_spec("bitsandbytes") is None:
-        from phi3lit.model import quantization_config
+        from phi3lit.quantization import quantization_config
 
         with pytest.raises(EnvironmentProblem, match=r"pip install 'phi3lit\[qlora\]'"):
             quantization_config("nf4")

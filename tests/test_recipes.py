@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import ROOT
+from helpers import ROOT, run_main
 from probes import probe_arg, read_probe
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -75,21 +73,6 @@ def fit_with_output(config: str, data, root: Path, *extra: str, config_files: tu
         output = run_main(args)
     assert "eval mode at the start of training" not in output
     return read_probe(probe), output
-
-
-def run_main(args: list[str]) -> str:
-    """`phi3lit ARGS` in this process: its log lines and warnings, as the terminal would show them."""
-    lines = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logging.getLogger().addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")  # phi3lit's own filters (console.quiet) still apply on top
-            main(args)
-    finally:
-        logging.getLogger().removeHandler(handler)
-    return "\n".join([*lines, *(str(w.message) for w in seen)])
 
 
 def adapter_moved(root: Path) -> bool:
