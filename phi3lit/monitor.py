@@ -120,7 +120,7 @@ class TrainMonitor(L.Callback):
         """
         Args:
             peak_flops: the device's peak FLOP/s for `train/mfu`. Default: Lightning's `get_available_flops` (vendor
-                dense bf16 peaks of known GPUs), else a matmul measured on the device at start (CPUs).
+                dense bf16 peaks of known GPUs), else a measured matmul (on a CPU once per machine: `cpu_roof`).
             plot: write `curves.png` (loss and lr against step) to the run folder at the end of fit.
         """
         self.peak_flops = peak_flops

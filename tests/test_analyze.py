@@ -1,6 +1,6 @@
 """analyze: the §7 quantities on synthetic adapters of known structure (φ, amplification, spectra), the seed
 statistics and equal-token comparison of ablate, the training-time LoRA norms on a tiny peft model, and the
-end-to-end path: two workers run a 2-point x 2-seed sweep, then `python -m phi3lit analyze` reads it."""
+end-to-end path: two workers run a 2-point x 2-seed sweep, then `phi3lit analyze` reads it."""
 
 import csv
 import json
@@ -17,6 +17,7 @@ from helpers import ROOT
 
 from phi3lit.ablate import main as ablate_main
 from phi3lit.analyze import main as analyze_main
+from phi3lit.commands import main
 from phi3lit.deltas import load_updates, lora_delta_norms, lowrank_svd, phi, subspace_similarity, update_metrics
 from phi3lit.errors import ConfigError
 from phi3lit.stats import at_equal_tokens, seed_stats, t975
@@ -246,8 +247,9 @@ def test_two_workers_run_a_2x2_seed_sweep_then_analyze(small_data, tmp_path):
     assert all(r["eq_tokens"] == r["tokens_seen"] == str(4 * 4 * 128) for r in runs.values())
     assert " ± " in (out / "summary.md").read_text() and (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
-    proc = analyze(out)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", str(out)])  # the command's entry point, in this process
+    assert e.value.code == 0
     report = (out / "analysis" / "analysis.md").read_text()
     assert "r=4 vs r=8 (mean over seeds 0, 1)" in report and "r=8, seeds 0 vs 1" in report
     for figure in ("phi_ranks__all__r4_vs_r8", "phi_seeds__all__r4", "phi_seeds__all__r8"):
