@@ -4,7 +4,8 @@ Why not Lightning's `ThroughputMonitor` and `measure_flops`: phi3lit counts FLOP
 (`model_flops`), because a packed batch's cost depends on what the counters cannot see: the LM head runs at trained
 positions only, and attention costs grow with each conversation's own length (the block-causal mask), not the row's.
 Time spent validating inside fit is also left out of training throughput. The device peak does come from
-Lightning's `get_available_flops` where it knows the device; on a CPU, which it does not know, a matmul is measured.
+Lightning's `get_available_flops` where it knows the device; on a CPU, which it does not know, a matmul is measured
+(once per machine: the result is cached).
 """
 
 from __future__ import annotations
