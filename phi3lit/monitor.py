@@ -35,8 +35,9 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
 
     Best of three rounds, so a round that shares the cores with start-up work does not lower the roof.
     """
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed(0)  # its own stream: measuring must not shift the run's seeded RNG
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     a @ b  # warm-up
     best = 0.0
     for _ in range(3):
