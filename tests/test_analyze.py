@@ -210,7 +210,7 @@ def test_two_workers_run_a_2x2_seed_sweep_then_analyze(small_data, tmp_path):
             "data.train_file": str(small_data), "data.max_length": 128, "trainer.max_steps": 4,
             "trainer.val_check_interval": 2, "checkpoint.every_n_train_steps": 2, "samples.prompts": [],
             "trainer.enable_progress_bar": False, "model.lora.targets": ["q", "v"], "model.lora.alpha": "2r",
-            "model.lora.dropout": 0.0,
+            "model.lora.dropout": 0.0, "monitor.plot": False,
         },
         "seeds": [0, 1],
     }  # fmt: skip

@@ -77,7 +77,7 @@ def test_sweep_grid_ablates_the_optimizer(small_data, tmp_path):
         "fixed": {
             "data.train_file": str(small_data), "data.max_length": 128, "trainer.max_steps": 2,
             "trainer.val_check_interval": 2, "trainer.limit_val_batches": 1, "samples.prompts": [],
-            "optimizer.fused": None,
+            "optimizer.fused": None, "monitor.plot": False,
         },
     }  # fmt: skip
     path = tmp_path / "sweep.yaml"

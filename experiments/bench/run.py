@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -50,8 +51,13 @@ def build_model(out: Path) -> Path:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_path())
     model = Phi3ForCausalLM(Phi3Config(**SHAPE, pad_token_id=0, bos_token_id=1, eos_token_id=tok.eos_token_id))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    stage = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # published by rename: two benches may build at once
+    model.save_pretrained(stage)
+    tok.save_pretrained(stage)
+    try:
+        stage.rename(out)
+    except OSError:  # another process published it first
+        shutil.rmtree(stage, ignore_errors=True)
     return out
 
 
@@ -209,12 +215,15 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def plan(only: str | None, variants: bool, options: dict) -> list[tuple[str, str, dict, str, dict]]:
+def plan(
+    only: str | None, variants: bool, options: dict, environment: str | None = None
+) -> list[tuple[str, str, dict, str, dict]]:
     """(table, environment, extra env, child, phi3lit options) for every process to run."""
     if options:  # one switched option against the defaults
         return [("phi3lit options", USERS, {}, "phi3lit", o) for o in ({}, options)]
     runs = []
-    for env_name, env in ((USERS, {}), (KEPT, ALLOCATOR)):
+    environments = {"users": (USERS, {}), "kept": (KEPT, ALLOCATOR)}
+    for env_name, env in [v for k, v in environments.items() if environment in (None, k)]:
         if only != "trl":
             runs.append(("side by side", env_name, env, "phi3lit", {}))
         if only != "phi3lit":
@@ -235,6 +244,7 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="also phi3lit with each option switched")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; the median is reported")
     parser.add_argument("--length", type=int, default=LENGTH, help="tokens per packed row (4 rows per step)")
+    parser.add_argument("--environment", choices=["users", "kept"], help="run one environment (default: both)")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for results.json / results.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -243,7 +253,7 @@ def main() -> None:
     if args.child:
         return child(args)
     model_dir = build_model(Path(os.environ.get("PHI3LIT_CACHE", Path.home() / ".cache" / "phi3lit")) / "bench-phi3")
-    runs = plan(args.only, args.variants, json.loads(args.options))
+    runs = plan(args.only, args.variants, json.loads(args.options), args.environment)
     measured: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
     for _ in range(args.repeat):  # repeats interleave (A B C A B C), so slow drifts of the machine hit all alike
         for i, (_table, env_name, env, who, options) in enumerate(runs):
@@ -282,6 +292,7 @@ def write(results: list[dict], out: Path, args) -> None:
     flags += " --variants" if args.variants else ""
     flags += f" --repeat {args.repeat}" if args.repeat > 1 else ""
     flags += f" --length {args.length}" if args.length != LENGTH else ""
+    flags += f" --environment {args.environment}" if args.environment else ""
     flags += f" --options '{args.options}'" if args.options != "{}" else ""
     lines = [
         f"`python experiments/bench/run.py --steps {args.steps} --warmup {args.warmup}{flags}`, "
