@@ -342,10 +342,14 @@ def main(argv: list[str]) -> int:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise ConfigError(f"analyze: {folder}: no such folder (a run folder, an adapter folder or a sweep folder)")
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # weights are only read; the caller's grad mode (a notebook's) is left as it was
+        return _analyze(folder, args.base)
+
+
+def _analyze(folder: Path, base: str | None) -> int:
     bases: dict = {}
     if find_adapter(folder) is not None:
-        run = load_run(folder, args.base, bases)
+        run = load_run(folder, base, bases)
         written = write_run(run)
         print(f"[analyze] {run.name}: {len(run.updates)} updates; {', '.join(map(str, written))}", flush=True)
         return 0
@@ -357,7 +361,7 @@ def main(argv: list[str]) -> int:
         )
     runs = []
     for p in members:
-        run = load_run(p, args.base, bases)
+        run = load_run(p, base, bases)
         write_run(run)
         print(f"[analyze] {run.name}: {len(run.updates)} updates, {run.out}", flush=True)
         runs.append(run)

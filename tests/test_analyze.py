@@ -249,7 +249,7 @@ def test_two_workers_run_a_2x2_seed_sweep_then_analyze(small_data, tmp_path):
 
     with pytest.raises(SystemExit) as e:
         main(["analyze", str(out)])  # the command's entry point, in this process
-    assert e.value.code == 0
+    assert e.value.code == 0 and torch.is_grad_enabled()  # it leaves the caller's autograd on
     report = (out / "analysis" / "analysis.md").read_text()
     assert "r=4 vs r=8 (mean over seeds 0, 1)" in report and "r=8, seeds 0 vs 1" in report
     for figure in ("phi_ranks__all__r4_vs_r8", "phi_seeds__all__r4", "phi_seeds__all__r8"):
