@@ -2,7 +2,8 @@
 
 Libraries phi3lit drives print things that say nothing to its users, or nothing they can act on: transformers'
 deprecation notices about methods phi3lit does not call itself, Lightning's advert for its logger service and its
-pytree deprecation, bitsandbytes looking for an optional CPU kernel package. `quiet()` filters exactly those, by
+pytree deprecation, bitsandbytes looking for an optional CPU kernel package (and `kernels` saying it cannot check
+that package's publisher offline). `quiet()` filters exactly those, by
 message, so anything else (a real warning) still shows. `plan` and `data` only read a config, so there Lightning's
 start-up lines (seed, devices, precision) are left out too: they print their report and nothing else.
 """
@@ -22,6 +23,7 @@ WARNINGS = (
 LOG_LINES = (
     "💡 Tip:",  # Lightning's advert for its hosted logger
     "Failed to load CPU gemm_4bit_forward",  # bitsandbytes: an optional kernels package for 4-bit on CPU
+    "Skipping publisher trust check for 'kernels-community/",  # kernels, asked by bitsandbytes, when hub is offline
     "`weights_only` was not set",  # Lightning reading phi3lit's own checkpoints (they hold configs and RNG states)
 )
 # Lightning's start-up lines: useful before training, noise before a report that loads nothing.
@@ -40,7 +42,7 @@ class _DropLines(logging.Filter):
 # The loggers those lines are created on (a filter on a logger sees only its own records).
 LOGGERS = (
     "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed",
-    "bitsandbytes.backends.cpu.ops",
+    "bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub",
 )  # fmt: skip
 
 

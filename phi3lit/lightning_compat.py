@@ -33,3 +33,12 @@ def skip_step_if(optimizer, flag) -> None:
     is not a documented API, so it is set only here (torch, not Lightning, but the same kind of pin).
     """
     optimizer.found_inf = flag.float()
+
+
+def last_checkpoint_written(checkpoint_callback, path) -> None:
+    """Tell Lightning's `ModelCheckpoint` that `last.ckpt` was written (by phi3lit's `RunGuard`, inside the epoch).
+
+    Its `on_train_end` writes `last.ckpt` again unless it saved one itself in this process; written there, after
+    the loop, the checkpoint's loop state says the epoch finished, and a resume would skip the rest of the epoch.
+    """
+    checkpoint_callback._last_checkpoint_saved = str(path)

@@ -72,6 +72,13 @@ class WarmupCosine(LRScheduler):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Lightning restores the optimizer first, with the lr the saved run's schedule had set on its last step;
+        the lr of the resumed step is this schedule's (a larger `trainer.max_steps` stretches the cosine)."""
+        super().load_state_dict(state_dict)
+        if self.total_steps is not None:
+            self.set_total_steps(self.total_steps)
+
     def state_dict(self) -> dict:
         # Not the run's length: a resume with a larger trainer.max_steps follows the schedule of the new length
         # (the trainer's, set again at every start), as one uninterrupted run of that length would.
@@ -82,7 +89,8 @@ class WarmupCosine(LRScheduler):
         warmup = max(self.warmup_steps, int(self.warmup_ratio * total))
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        # The last step (total - 1) is where the decay ends: `min_lr_ratio` is the lr of a step the run takes.
+        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def get_lr(self) -> list[float]:

@@ -16,7 +16,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.errors import EnvironmentProblem
-from phi3lit.lightning_compat import accumulating
+from phi3lit.lightning_compat import accumulating, last_checkpoint_written
 
 
 class RunGuard(L.Callback):
@@ -46,29 +46,44 @@ class RunGuard(L.Callback):
         self._received = signal.Signals(signum).name  # act at the next step boundary, not mid-step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._received is None or accumulating(trainer):
+        # The checkpoint a run ends with is written here, at the batch end, for every way a fit ends mid-epoch (a
+        # signal, max_steps, a callback that stopped it): only inside the epoch does Lightning's loop state agree
+        # with the data position. After the loop (on_train_end) Lightning counts the epoch as finished, and a
+        # resume from such a checkpoint would start the next epoch, skipping the rest of this one.
+        if accumulating(trainer):
             return
-        last = self._save_last(trainer)
-        rank_zero_info(
-            f"[phi3lit] {self._received}: saved {last} at step {trainer.global_step}; stopping. "
-            f"Resume with:\n  {resume_command()}"
-        )
-        self.preempted = True
-        trainer.should_stop = True
-        self._received = None
+        if self._received is not None:
+            last = self._save_last(trainer)
+            rank_zero_info(
+                f"[phi3lit] {self._received}: saved {last} at step {trainer.global_step}; stopping. "
+                f"Resume with:\n  {resume_command()}"
+            )
+            self.preempted = True
+            trainer.should_stop = True
+            self._received = None
+        elif self._ends_here(trainer) and trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
+            self._save_last(trainer)
+
+    @staticmethod
+    def _ends_here(trainer) -> bool:
+        """Whether the fit ends after this batch: max_steps reached, or a callback asked it to stop."""
+        return trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
 
     def _save_last(self, trainer) -> Path:
-        folder = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir
-        path = Path(folder) / "last.ckpt"
+        callback = trainer.checkpoint_callback
+        path = Path(callback.dirpath if callback else trainer.default_root_dir) / "last.ckpt"
         trainer.save_checkpoint(path)
+        if callback is not None:  # so its own save at the end of training does not overwrite this one
+            last_checkpoint_written(callback, path)
         return path
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self.saved_step = checkpoint["global_step"]
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # max_steps need not be a multiple of checkpoint.every_n_train_steps: without this, last.ckpt would be
-        # older than the adapter, and export/predict from it would silently use older weights.
+        # A fit that ends at an epoch's end (max_epochs, or max_steps on an epoch's last batch) when no periodic
+        # save fell on its last step: the epoch is over, so the loop's state and the data position agree here.
+        # Without this, last.ckpt would be older than the adapter, and export/predict would use older weights.
         if trainer.fast_dev_run:  # a check run writes nothing
             return
         if not self.preempted and self.saved_step != trainer.global_step and trainer.checkpoint_callback:

@@ -149,3 +149,21 @@ class TrainerFacts(_Probe):
     def on_fit_start(self, trainer, pl_module) -> None:
         io = trainer.strategy.checkpoint_io
         self.write(trainer, checkpoint_io=f"{type(io).__module__}.{type(io).__name__}")
+
+
+class SignalAt(_Probe):
+    """Preemption at a known step: sends `signal` to this process during the optimizer step that makes
+    `trainer.global_step` equal `step` (a real signal, handled by phi3lit's RunGuard as a cluster's would be).
+    It fires once per process, so a resumed run that starts past `step` is not stopped again."""
+
+    def __init__(self, out: str, step: int, signal: str = "SIGTERM"):
+        super().__init__(out)
+        self.step, self.signal = step, signal
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step + 1 == self.step:
+            import os
+            import signal
+
+            self.write(trainer, sent=self.signal, step=self.step)
+            os.kill(os.getpid(), getattr(signal, self.signal))

@@ -119,9 +119,9 @@ def test_one_cli_every_command_listed_with_its_own_help(capsys):
         assert f"usage: phi3lit {command}" in out or f"usage: phi3lit [options] {command}" in out, command
 
 
-def test_comma_separated_targets_suggest_the_list_syntax(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", TINY, "--model.lora.targets", "q,v"])
+def test_comma_separated_targets_suggest_the_list_syntax(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:  # its own run folder: the config's runs/tiny may hold the README's run
+        main(["fit", "--config", TINY, "--model.lora.targets", "q,v", "--trainer.default_root_dir", str(tmp_path)])
     assert e.value.code == 2
     assert "write a list: --model.lora.targets '[q, v]'" in capsys.readouterr().err
 

@@ -1,9 +1,11 @@
 """The house rules a newcomer relies on: one-sitting modules, dependencies that run one way, a quiet `plan`."""
 
 import ast
+import os
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT
 
 PACKAGE = ROOT / "phi3lit"
@@ -67,3 +69,13 @@ def test_plan_prints_the_plan_and_nothing_else():
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.startswith("plan for microsoft/Phi-3-mini-4k-instruct (bf16-mixed")
     assert "warn" not in proc.stdout.lower() and "Tip" not in proc.stdout
+
+
+def test_library_chatter_on_import_is_filtered():
+    """bitsandbytes (QLoRA) asks `kernels` for an optional CPU kernel on import; offline, `kernels` logs that it
+    skips a publisher check. Neither says anything a phi3lit user can act on, so neither reaches the terminal."""
+    pytest.importorskip("bitsandbytes")
+    code = "from phi3lit.console import quiet; quiet(); import bitsandbytes"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == ""

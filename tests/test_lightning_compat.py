@@ -63,3 +63,31 @@ def test_fused_adamw_skips_the_step_that_is_flagged():
     skip_step_if(opt, torch.tensor(False))
     opt.step()
     assert (p.detach() < 1).all()  # not flagged: the step is applied
+
+
+def test_model_checkpoint_leaves_a_last_ckpt_written_by_phi3lit_alone_at_the_end(tmp_path):
+    """`last_checkpoint_written`: ModelCheckpoint's end-of-training save of last.ckpt is skipped once told."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from phi3lit.lightning_compat import last_checkpoint_written
+
+    class WriteLastInsideTheEpoch(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == trainer.max_steps:
+                path = tmp_path / "last.ckpt"
+                trainer.save_checkpoint(path)
+                if self.tell:
+                    last_checkpoint_written(trainer.checkpoint_callback, path)
+
+    for tell in (False, True):
+        marker = WriteLastInsideTheEpoch()
+        marker.tell = tell
+        trainer = L.Trainer(
+            max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[marker, ModelCheckpoint(
+                dirpath=tmp_path, save_last=True, every_n_train_steps=100, enable_version_counter=False)],
+        )  # fmt: skip
+        trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.randn(16, 2), batch_size=2))
+        epochs = torch.load(tmp_path / "last.ckpt", weights_only=False)["loops"]["fit_loop"]["epoch_progress"]
+        # Lightning's own save after the loop marks the epoch finished; phi3lit's, inside the epoch, does not.
+        assert epochs["current"]["completed"] == (0 if tell else 1)

@@ -59,12 +59,14 @@ def test_warmup_cosine_reaches_min_lr_ratio_on_the_last_step():
     sched = WarmupCosine(opt, warmup_ratio=0.2, min_lr_ratio=0.1)
     sched.set_total_steps(10)  # warmup = 2 steps
     lrs = []
-    for _ in range(11):
+    for _ in range(10):  # the run's steps 0..9: the lr each one uses
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert lrs[10] == pytest.approx(0.1) and lrs[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    # The decay spans steps 2..9 and ends on the last step the run takes, not one after it.
+    assert lrs[9] == pytest.approx(0.1)
+    assert lrs[5] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 7)))
 
 
 def test_sweep_grid_ablates_the_optimizer(small_data, tmp_path):

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from phi3lit.lightning_compat import batches_processed
+from phi3lit.loss import IGNORE_INDEX
 
 
 def _deal(indices: list[int], num_replicas: int, rank: int, drop_last: bool = False) -> list[int]:
@@ -63,6 +64,29 @@ class ResumableSampler(DistributedSampler):
         return iter(_deal(rest, self.num_replicas, self.rank, self.drop_last))
 
 
+class ScoredOnceSampler(DistributedSampler):
+    """Validation and test order for rank `rank` of W: every row is scored exactly once, on any number of ranks.
+
+    DistributedSampler evens the ranks out by repeating the first rows, so a validation set of 13 rows on 2 ranks
+    would score row 0 twice. Here the repeats are still read (every rank runs the same number of batches, so
+    collective calls under DDP stay in step) but as `(row, False)`: `PackedRows` then gives the row with no trained
+    token, so it adds nothing to the loss, the token count or the accuracy. Real rows come as `(row, True)`.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        n = len(self.dataset)
+        keyed = [(i % n, i < n) for i in range(self.total_size)]  # positions past n: DistributedSampler's repeats
+        return iter(keyed[self.rank :: self.num_replicas])
+
+    def scored_rows(self, rank: int, batches: int, batch_size: int) -> list[int]:
+        """The rows rank `rank` scores in its first `batches` batches (what `limit_val_batches` keeps)."""
+        n = len(self.dataset)
+        return [i for i in range(self.total_size)[rank :: self.num_replicas][: batches * batch_size] if i < n]
+
+
 class ResumableLoader(DataLoader):
     """Lightning saves `state_dict()` in checkpoints and calls `load_state_dict()` on resume.
 
@@ -100,7 +124,7 @@ class ResumableLoader(DataLoader):
         # After a resume with a larger batch size or more ranks, those were smaller batches, so make room for all
         # the batches left (a length too large is harmless: the epoch also ends when the sampler runs out).
         n = super().__len__()
-        if self.sampler.resume is not None and self._base is not None:
+        if getattr(self.sampler, "resume", None) is not None and self._base is not None:  # training only
             n = max(n, self._base[1] + math.ceil(self.sampler.left(self.sampler.resume[1]) / self.batch_size))
         return n
 
@@ -116,9 +140,12 @@ class PackedRows(Sequence):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, r: int) -> list[dict[str, list[int]]]:
+    def __getitem__(self, key: int | tuple[int, bool]) -> list[dict[str, list[int]]]:
+        """Row `key`, or for `(row, scored)` (from `ScoredOnceSampler`) the row with no trained token if not scored."""
+        r, scored = key if isinstance(key, tuple) else (key, True)
         cols = self.dataset[self.index[r]]
-        convs = [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"], strict=True)]
+        labels = cols["labels"] if scored else [[IGNORE_INDEX] * len(ids) for ids in cols["input_ids"]]
+        convs = [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], labels, strict=True)]
         if self.locations is not None:
             for conv, i in zip(convs, self.index[r], strict=True):
                 conv["source"] = self.locations[i]

@@ -18,12 +18,12 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from phi3lit.data.cache import conversations_digest, tokenize_cached
 from phi3lit.data.chat import DROPPED, KEPT, NO_REPLY, TOO_LONG, TRUNCATED, prompt_of, reference_of, tokenize_chat
 from phi3lit.data.formats import BAD_KINDS, LAYOUTS
-from phi3lit.data.loader import PackedRows, ResumableLoader, ResumableSampler
+from phi3lit.data.loader import PackedRows, ResumableLoader, ResumableSampler, ScoredOnceSampler
 from phi3lit.data.pack import collate, left_pad, pack_rows
 from phi3lit.data.read import Conversations, read_conversations
 from phi3lit.errors import CheckpointError, ConfigError, DataError, missing_model
@@ -257,14 +257,18 @@ class ChatDataModule(L.LightningDataModule):
         trainer = self.trainer
         # Order depends only on (seed, epoch): Lightning calls set_epoch, restores the epoch on resume and
         # keeps a DistributedSampler under DDP, where each rank reads a disjoint shard.
-        sampler = ResumableSampler(
-            self.rows[name],
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-            shuffle=shuffle,
-            seed=self.hparams.seed,
-            drop_last=False,
-        )
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        if name in ("val", "test"):  # each row scored once, however many ranks share the set
+            sampler = ScoredOnceSampler(self.rows[name], num_replicas=replicas, rank=rank)
+        else:
+            sampler = ResumableSampler(
+                self.rows[name],
+                num_replicas=replicas,
+                rank=rank,
+                shuffle=shuffle,
+                seed=self.hparams.seed,
+                drop_last=False,
+            )
         loader = ResumableLoader(
             self.rows[name],
             batch_size=self.hparams.batch_size,
@@ -280,7 +284,7 @@ class ChatDataModule(L.LightningDataModule):
             self._log_limited(name, sampler)
         return loader
 
-    def _log_limited(self, name: str, sampler: DistributedSampler) -> None:
+    def _log_limited(self, name: str, sampler: ScoredOnceSampler) -> None:
         """Say exactly what a `limit_val_batches` / `limit_test_batches` below the whole split scores."""
         key = f"limit_{name}_batches"
         limit = getattr(self.trainer, key, None)
@@ -292,10 +296,9 @@ class ChatDataModule(L.LightningDataModule):
         scored = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
         if scored >= batches:
             return
-        padded = [i % len(rows) for i in range(sampler.total_size)]  # DistributedSampler repeats the first rows
         seen = set()
         for rank in range(sampler.num_replicas):  # rank r reads rows r, r + W, ... of the (fixed) order
-            seen.update(padded[rank :: sampler.num_replicas][: scored * bs])
+            seen.update(sampler.scored_rows(rank, scored, bs))
         convs = sum(len(rows.index[i]) for i in seen)
         total = sum(len(r) for r in rows.index)
         rank_zero_info(
@@ -308,11 +311,18 @@ class ChatDataModule(L.LightningDataModule):
         if self._position is not None:  # before Lightning takes the loader's length: see ResumableLoader.__len__
             loader.load_state_dict(self._position)
             epoch, done = loader.sampler.resume
-            rank_zero_info(
-                f"[phi3lit] train: resuming epoch {epoch} after {min(done, len(self.rows['train']))} of its "
-                f"{len(self.rows['train'])} packed rows; the rest in batches of {self.hparams.batch_size} on "
-                f"{loader.sampler.num_replicas} device(s)"
-            )
+            if epoch == self.trainer.current_epoch:  # the sampler continues this epoch's order where it stopped
+                rank_zero_info(
+                    f"[phi3lit] train: resuming epoch {epoch} after {min(done, len(self.rows['train']))} of its "
+                    f"{len(self.rows['train'])} packed rows; the rest in batches of {self.hparams.batch_size} on "
+                    f"{loader.sampler.num_replicas} device(s)"
+                )
+            else:  # Lightning's loop state says epoch `epoch` finished: the sampler starts the next one
+                rank_zero_info(
+                    f"[phi3lit] train: the checkpoint counts epoch {epoch} as finished after {done} of its "
+                    f"{len(self.rows['train'])} packed rows (written after the training loop, by an earlier "
+                    f"phi3lit); training continues with epoch {self.trainer.current_epoch} from its first row"
+                )
             self._position = None
         self._train_loader = loader
         return loader
