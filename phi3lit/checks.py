@@ -32,6 +32,13 @@ def check_values(config) -> None:
         raise ConfigError(f"optimizer.init_args.lr must be a finite number >= 0, got {lr}")  # 0: keep the adapter
     if data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be at least 1, got {data.batch_size}")
+    if trainer.log_every_n_steps is not None and trainer.log_every_n_steps < 1:  # phi3lit logs every N steps
+        raise ConfigError(f"trainer.log_every_n_steps must be at least 1, got {trainer.log_every_n_steps}")
+    every = (config.get("checkpoint") or Namespace()).get("every_n_train_steps")
+    if every is not None and every < 0:
+        raise ConfigError(f"checkpoint.every_n_train_steps must be >= 0 (0 or null: no step checkpoints), got {every}")
+    if data.get("num_workers") is not None and data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 (0: load in the main process), got {data.num_workers}")
     if not data.val_file and data.val_fraction > 0.5:  # a typo for 0.0999 would train on a sliver of the data
         raise ConfigError(
             f"data.val_fraction={data.val_fraction} holds out more than half of data.train_file for validation; "

@@ -21,14 +21,14 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.allocator import keep_freed_memory
 from phi3lit.callbacks import PredictionWriter, SampleReplies, SaveAdapter
-from phi3lit.checkpoint import read_checkpoint
+from phi3lit.checkpoint import newest_intact, read_checkpoint, remove_stale_temps
 from phi3lit.checks import check_devices, check_strategy, check_values
 from phi3lit.errors import CheckpointError
 from phi3lit.monitor import TrainMonitor
 from phi3lit.optim import DEFAULTS as OPTIM_DEFAULTS
 from phi3lit.progress import ProgressLog
 from phi3lit.resume import explain, flat_config, resume_diff
-from phi3lit.runfolder import check_not_mixing, lock_run_folder
+from phi3lit.runfolder import check_not_mixing, folder_entries, lock_run_folder, refuse_link
 from phi3lit.runguard import RunGuard, check_writable
 
 
@@ -47,11 +47,13 @@ class RunConfig(SaveConfigCallback):
         if stage == "fit" and self.resuming:  # a resume: the original config.yaml stays as it was
             if trainer.is_global_zero:
                 n = 1 + sum(1 for _ in root.glob("config-resume-*.yaml"))
+                refuse_link(root / f"config-resume-{n}.yaml", "a config")
                 self.parser.save(self.config, root / f"config-resume-{n}.yaml", skip_none=False, overwrite=True)
             return
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero:
             root.mkdir(parents=True, exist_ok=True)
+            refuse_link(root / "config.yaml", "a config")
             self.parser.save(self.config, root / "config.yaml", skip_none=False, overwrite=True)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -139,11 +141,22 @@ class Phi3LitCLI(LightningCLI):
         if not ckpt_path:
             return
         if ckpt_path == "last":
-            path = Path(_checkpoint_dir(config.trainer.default_root_dir)) / "last.ckpt"
-            if not path.is_file():  # a requeued job's first start (or a kill before the first checkpoint)
-                rank_zero_info(f"[phi3lit] --ckpt_path last: no {path} yet; starting from the beginning")
-                self.config_init.fit.ckpt_path = None
-                return
+            folder = Path(_checkpoint_dir(config.trainer.default_root_dir))
+            path = folder / "last.ckpt"
+            if not path.is_file():
+                # A kill between a step=N.ckpt write and the last.ckpt write leaves only the former: resume from
+                # the newest intact one. None at all: a requeued job's first start, or a kill before any save.
+                path = newest_intact(folder)
+                if path is None:
+                    rank_zero_info(
+                        f"[phi3lit] --ckpt_path last: no {folder / 'last.ckpt'} yet; starting from the beginning"
+                    )
+                    self.config_init.fit.ckpt_path = None
+                    return
+                rank_zero_info(
+                    f"[phi3lit] --ckpt_path last: no last.ckpt in {folder}; resuming from {path.name}, the newest "
+                    "intact checkpoint there"
+                )
             self.config_init.fit.ckpt_path = str(path)  # never another run's last-vN.ckpt
         for cb in self.trainer.callbacks:
             if isinstance(cb, RunConfig):
@@ -179,9 +192,14 @@ class Phi3LitCLI(LightningCLI):
             keep_freed_memory()
         if self.subcommand == "fit":  # before any logger or callback creates folders in it
             root = Path(config.trainer.default_root_dir or os.getcwd())
+            before = folder_entries(root)  # a fit that fails before training leaves the folder as it was
             check_writable(root, config.guard.min_free_mb)
-            lock_run_folder(root)
+            lock_run_folder(root, before)
             check_not_mixing(root, resuming=bool(config.ckpt_path))
+            # What killed fits left mid-write (`last.ckpt.tmp-<pid>`, `.adapter.tmp-<pid>/`): never read, in the way.
+            stale = remove_stale_temps(root / "checkpoints") + remove_stale_temps(root)
+            if stale:
+                rank_zero_info(f"[phi3lit] removed what killed runs left mid-write: {', '.join(stale)}")
             if config.trainer.fast_dev_run:  # a check: Lightning's ModelCheckpoint would still write last.ckpt
                 config.checkpoint.save_last = False
         if config.trainer.enable_progress_bar is None and not sys.stdout.isatty():

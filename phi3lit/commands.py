@@ -10,7 +10,7 @@ import sys
 
 from phi3lit.console import quiet
 from phi3lit.errors import ConfigError, Phi3litError
-from phi3lit.runfolder import release_run_folder
+from phi3lit.runfolder import release_run_folder, undo_unstarted_run
 
 
 def main(args: list[str] | None = None) -> None:
@@ -19,8 +19,16 @@ def main(args: list[str] | None = None) -> None:
     quiet(report_only=bool(argv) and argv[0] in ("plan", "data"))
     try:
         _dispatch(argv, args is None)
-    except Exception as e:  # the user's input or environment, not a bug: a message, no traceback
-        known = _explained(e)
+    except BaseException as e:
+        undo_unstarted_run()  # a fit that failed before its first step leaves its run folder as it found it
+        if not isinstance(e, Exception):  # Ctrl-C, exit: not an error of phi3lit's to explain
+            raise
+        known = _explained(e)  # the user's input or environment, not a bug: a message, no traceback
+        if known is None and _is_parse_error(e):  # a value the parser refuses: its message, not 100 lines of usage
+            command = argv[0] if argv else ""
+            detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            helps = f"phi3lit {command} --help lists the options" if command in COMMANDS else "phi3lit --help"
+            known = ConfigError(f"{detail} ({helps})")
         if known is None:
             raise
         print(f"phi3lit: {known.kind} error: {known}", file=sys.stderr)
@@ -131,7 +139,7 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
             run=False,
             auto_configure_optimizers=False,
             args=argv[1:],
-            parser_kwargs={"prog": f"phi3lit {command}", "description": COMMANDS[command]},
+            parser_kwargs={"prog": f"phi3lit {command}", "description": COMMANDS[command], "exit_on_error": False},
         )
         if command == "data":
             from phi3lit.data import describe
@@ -150,8 +158,14 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
         save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
         args=None if from_sys_argv else argv,
-        parser_kwargs={"prog": "phi3lit"},
+        parser_kwargs={"prog": "phi3lit", "exit_on_error": False},  # a refused value: one line (main's handler)
     )
+
+
+def _is_parse_error(e: BaseException) -> bool:
+    from jsonargparse import ArgumentError
+
+    return isinstance(e, ArgumentError)
 
 
 def _explained(e: BaseException | None) -> BaseException | None:

@@ -12,20 +12,46 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
+import shutil
 import socket
 from pathlib import Path
 
 from phi3lit.errors import EnvironmentProblem
 
 _held: list = []  # open lock files: the lock lasts as long as the process (or until release_run_folder)
+# The folder this process locked and what it held before, so a fit that fails before training leaves it as it was.
+_run: dict = {"root": None, "before": None, "started": False}
+# What a fit writes before its first step: removed again if it fails before training (`undo_unstarted_run`).
+_SETUP_NAMES = re.compile(r"\.phi3lit\.lock|tb|checkpoints|config\.yaml|config-resume-\d+\.yaml")
 
 
-def lock_run_folder(root: Path) -> None:
+def refuse_link(path: Path, what: str) -> None:
+    """phi3lit writes into folders the user names; a link planted there would redirect the write elsewhere."""
+    if path.is_symlink():
+        raise EnvironmentProblem(
+            f"{path}: is a symbolic link; phi3lit never writes {what} through a link it did not make. Remove the "
+            "link (or choose another trainer.default_root_dir)"
+        )
+
+
+def folder_entries(root: Path) -> set[str] | None:
+    """What `root` holds now (None: it does not exist): taken before a fit writes anything, for `undo_unstarted_run`."""
+    return set(os.listdir(root)) if root.is_dir() else None
+
+
+def lock_run_folder(root: Path, before: set[str] | None = None) -> None:
+    """Take the run folder's lock. `before`: `folder_entries(root)` from before this fit touched it."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return  # a DDP rank started by the launcher, which holds the lock for the whole run
     root.mkdir(parents=True, exist_ok=True)
     path = root / ".phi3lit.lock"
-    f = open(path, "a+")  # noqa: SIM115 (kept open on purpose: closing it would release the lock)
+    refuse_link(path, "its lock")
+    try:  # O_NOFOLLOW: a link planted between the check and the open is refused too
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise EnvironmentProblem(f"{path}: cannot open the run lock ({e.strerror or e})") from None
+    f = os.fdopen(fd, "r+")  # kept open on purpose: closing it would release the lock
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -41,11 +67,41 @@ def lock_run_folder(root: Path) -> None:
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     _held.append(f)
+    _run.update(root=root, before=before, started=False)
+
+
+def training_started() -> None:
+    """From here on the run folder holds a run (its first step is being trained): a failure keeps it."""
+    _run["started"] = True
+
+
+def undo_unstarted_run() -> list[str]:
+    """After a fit that failed before its first step: remove what it added to the run folder (its lock, `tb/`,
+    `config.yaml`, `config-resume-N.yaml`, an empty `checkpoints/`), and the folder if it made it and it is empty.
+    Entries that were there before, and anything else, stay. Links are removed, never followed."""
+    root, before = _run["root"], _run["before"]
+    if root is None or _run["started"]:
+        return []
+    _run["root"] = None
+    removed = []
+    for name in sorted(set(os.listdir(root)) - (before or set())) if root.is_dir() else []:
+        path = root / name
+        if not _SETUP_NAMES.fullmatch(name) or (name == "checkpoints" and any(path.iterdir())):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(name)
+    if before is None and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+    return removed
 
 
 def release_run_folder() -> None:
     while _held:
         _held.pop().close()
+    _run["root"] = None
 
 
 def check_not_mixing(root: Path, resuming: bool) -> None:

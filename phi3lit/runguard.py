@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.errors import EnvironmentProblem
 from phi3lit.lightning_compat import accumulating, last_checkpoint_written
+from phi3lit.runfolder import training_started
 
 
 class RunGuard(L.Callback):
@@ -35,6 +36,7 @@ class RunGuard(L.Callback):
         self._previous: dict = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
+        training_started()  # from here on a failure keeps the run folder (it holds a run)
         # Installed after Lightning's own handlers, which would raise on SIGTERM without saving.
         for name in self.signals:
             sig = getattr(signal, name)

@@ -81,3 +81,13 @@ def run_main(args: list[str]) -> str:
     finally:
         logging.getLogger().removeHandler(handler)
     return "\n".join([*lines, *(str(w.message) for w in seen)])
+
+
+def explain(capsys, args: list[str], code: int = 2) -> str:
+    """Run `phi3lit ARGS` in this process expecting a refusal: exit `code`, one explained line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err

@@ -1,0 +1,168 @@
+"""Files a user points phi3lit at, and folders it writes into, as careless users and hostile files would have them.
+
+Each test drives the CLI (`phi3lit.commands.main`, as `python -m phi3lit` does) and asserts the one-line outcome
+and that nothing else happened: a payload did not run, a damaged file was not used, a link was not followed, a
+failed start left the folder as it was.
+"""
+
+import os
+import subprocess
+
+import pytest
+import torch
+from helpers import TINY, explain
+
+from phi3lit.commands import main
+
+
+def fit_args(data, root, *extra):
+    return [
+        "fit", "--config", TINY, "--data.train_file", str(data), "--data.max_length", "128",
+        "--trainer.enable_progress_bar", "false", "--samples.prompts", "[]", "--trainer.val_check_interval", "50",
+        "--trainer.default_root_dir", str(root), *extra,
+    ]  # fmt: skip
+
+
+class Payload:
+    """Unpickling this runs a shell command: the classic malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def finished(small_data, tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4 and last.ckpt."""
+    root = tmp_path_factory.mktemp("finished")
+    main(fit_args(small_data, root, "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2"))
+    return root
+
+
+def copy_run(run, to):
+    subprocess.run(["cp", "-r", str(run), str(to)], check=True)
+    (to / "adapter").is_dir() and subprocess.run(["rm", "-r", str(to / "adapter")], check=True)
+    return to
+
+
+def test_a_crafted_pickle_is_refused_by_export_and_fit_and_its_payload_never_runs(small_data, tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "x": Payload(marker)}, evil)
+    err = explain(capsys, ["export", "--ckpt", str(evil), "--out", str(tmp_path / "out")])
+    assert "refused" in err and "posix.system" in err
+    err = explain(capsys, fit_args(small_data, tmp_path / "run", "--ckpt_path", str(evil)))
+    assert "refused" in err
+    assert not marker.exists()  # the payload never ran
+
+
+def test_a_torch_file_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
+    other = tmp_path / "weights.pt"
+    torch.save({"a": torch.ones(2)}, other)
+    err = explain(capsys, ["export", "--ckpt", str(other), "--out", str(tmp_path / "out")])
+    assert f"{other}: a torch file, but not a phi3lit (Lightning) checkpoint" in err
+
+
+def flip_bytes_in_a_lora_tensor(path):
+    """Flip 64 bytes inside one LoRA tensor's data, as a bad disk or a bad copy would (the zip stays readable)."""
+    state = torch.load(path, weights_only=True)["state_dict"]
+    name = next(k for k in state if "lora_A" in k)
+    raw = state[name].contiguous().view(torch.uint8).numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    at = data.find(raw)
+    assert at > 0, "the tensor's bytes are stored as they are in the zip"
+    data[at + 64 : at + 128] = bytes(b ^ 0xFF for b in data[at + 64 : at + 128])
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_newest_intact_one(finished, small_data, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    last = run / "checkpoints" / "last.ckpt"
+    flip_bytes_in_a_lora_tensor(last)
+    err = explain(capsys, ["export", "--ckpt", str(last), "--out", str(tmp_path / "out")])
+    assert f"{last}: damaged: its content does not match the checksum" in err
+    assert not (tmp_path / "out").exists()
+    resume = fit_args(small_data, run, "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "2")
+    err = explain(capsys, [*resume, "--ckpt_path", "last"])
+    intact = run / "checkpoints" / "step=000004.ckpt"
+    assert "damaged" in err and f"resume with --ckpt_path {intact}" in err
+    main([*resume, "--ckpt_path", str(intact)])  # the user takes the suggestion: it resumes and finishes
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+
+
+def test_last_missing_after_a_kill_between_the_two_writes_resumes_from_the_newest_step(finished, small_data, tmp_path,
+                                                                                        caplog):  # fmt: skip
+    run = copy_run(finished, tmp_path / "run")
+    (run / "checkpoints" / "last.ckpt").unlink()  # killed after step=000004.ckpt, before last.ckpt
+    main(fit_args(small_data, run, "--trainer.max_steps", "6", "--ckpt_path", "last"))
+    assert "resuming from step=000004.ckpt, the newest intact checkpoint there" in caplog.text
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_leaves_nothing(small_data, tmp_path, capsys):
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:  # the run folder fits its config and events; a checkpoint (LoRA + AdamW state, ~1.4 MB) does not
+        args = fit_args(small_data, disk / "run", "--trainer.max_steps", "2", "--guard.min_free_mb", "0")
+        err = explain(capsys, [*args, "--checkpoint.every_n_train_steps", "1", "--monitor.plot", "false"])
+        assert "could not write the checkpoint (" in err and "nothing partial was left" in err
+        assert not [p for p in (disk / "run" / "checkpoints").iterdir() if ".tmp-" in p.name]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_stale_temporaries_of_killed_runs_are_removed_and_nothing_else(finished, small_data, tmp_path, caplog):
+    run = copy_run(finished, tmp_path / "run")
+    dead = 2**22 + 12345  # above the default pid_max: no process has it
+    stale = [run / "checkpoints" / f"last.ckpt.tmp-{dead}", run / f".adapter.tmp-{dead}"]
+    stale[0].write_bytes(b"x" * 1000)
+    stale[1].mkdir()
+    (stale[1] / "adapter_model.safetensors").write_bytes(b"x")
+    kept = [run / "checkpoints" / f"notes.tmp-{dead}", run / f"tmp-{dead}"]  # not names phi3lit writes
+    for p in kept:
+        p.write_text("mine")
+    main(fit_args(small_data, run, "--trainer.max_steps", "5", "--ckpt_path", "last"))
+    assert not any(p.exists() for p in stale) and all(p.read_text() == "mine" for p in kept)
+    assert f"removed what killed runs left mid-write: last.ckpt.tmp-{dead}" in caplog.text
+
+
+def test_a_fit_that_fails_before_training_leaves_the_folder_as_it_was(small_data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')  # no reply: nothing to train on
+    explain(capsys, fit_args(bad, tmp_path / "new", "--trainer.max_steps", "2"))
+    assert not (tmp_path / "new").exists()  # it did not exist before
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    explain(capsys, fit_args(bad, existing, "--trainer.max_steps", "2"))
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]  # no lock, tb/ or config.yaml left
+
+
+def test_a_symlinked_lock_is_refused_and_its_target_untouched(small_data, tmp_path, capsys):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".phi3lit.lock").symlink_to(target)
+    err = explain(capsys, fit_args(small_data, run, "--trainer.max_steps", "2"))
+    assert "is a symbolic link; phi3lit never writes its lock through a link" in err
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--trainer.log_every_n_steps", "0"], "trainer.log_every_n_steps must be at least 1, got 0"),
+        (["--checkpoint.every_n_train_steps", "-1"], "checkpoint.every_n_train_steps must be >= 0"),
+        (["--data.num_workers", "-3"], "data.num_workers must be >= 0"),
+        (["--model.lora.dropout", "nan"], "model.lora.dropout\": Expected a <class 'float'>. Got value: nan"),
+    ],
+)  # fmt: skip
+def test_values_that_cannot_work_are_one_line(small_data, tmp_path, capsys, option, message):
+    err = explain(capsys, fit_args(small_data, tmp_path / "run", *option))
+    assert message in err and len(err.strip().splitlines()) == 1
