@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -76,10 +77,11 @@ class SaveAdapter(L.Callback):
             shutil.rmtree(tmp, ignore_errors=True)
             ckpt = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir
             why = getattr(e, "strerror", None) or e
+            last = Path(ckpt) / "last.ckpt"  # quoted: the command is for copying into a shell
             raise EnvironmentProblem(
                 f"{out}: could not write the adapter ({why}); nothing partial was left there. The final "
-                f"weights are in {Path(ckpt) / 'last.ckpt'}: free space, then python -m phi3lit export --ckpt "
-                f"{Path(ckpt) / 'last.ckpt'} --out {out}"
+                f"weights are in {last}: free space, then python -m phi3lit export --ckpt "
+                f"{shlex.quote(str(last))} --out {shlex.quote(str(out))}"
             ) from None
         rank_zero_info(f"[phi3lit] adapter saved to {out} (load with peft.PeftModel.from_pretrained(base, path))")
         rank_zero_info(format_report(report, out))  # which clients take it as it is, and when to `export` first

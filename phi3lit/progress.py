@@ -3,6 +3,7 @@ in optimizer steps of the whole run."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -91,12 +92,12 @@ class ProgressLog(L.Callback):
         if trainer.checkpoint_callback:
             lines.append(f"  checkpoints {trainer.checkpoint_callback.dirpath}")
         if tensorboard is not None:
-            lines.append(f"  logs        tensorboard --logdir {tensorboard.log_dir}")
+            lines.append(f"  logs        tensorboard --logdir {shlex.quote(str(tensorboard.log_dir))}")
         if stopped:
             lines.append(f"  resume      {resume_command()}")
         elif adapter is not None:
             lines.append(f"  adapter     {root / adapter.dirname}")
-            lines.append(f"  next        python -m phi3lit chat --adapter {root / adapter.dirname}")
+            lines.append(f"  next        python -m phi3lit chat --adapter {shlex.quote(str(root / adapter.dirname))}")
         print("\n".join(lines), flush=True)
 
 

@@ -166,3 +166,14 @@ def test_a_symlinked_lock_is_refused_and_its_target_untouched(small_data, tmp_pa
 def test_values_that_cannot_work_are_one_line(small_data, tmp_path, capsys, option, message):
     err = explain(capsys, fit_args(small_data, tmp_path / "run", *option))
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_printed_commands_survive_a_path_with_spaces(small_data, tmp_path, capsys):
+    import shlex
+
+    run = tmp_path / "my run (v2)"
+    main(fit_args(small_data, run, "--trainer.max_steps", "2"))
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("next"))
+    words = shlex.split(line.strip().removeprefix("next"))  # as a shell reads the copied command
+    assert words[:4] == ["python", "-m", "phi3lit", "chat"] and words[-1] == str(run / "adapter")
