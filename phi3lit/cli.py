@@ -26,6 +26,7 @@ from phi3lit.checks import check_devices, check_strategy, check_values
 from phi3lit.errors import CheckpointError
 from phi3lit.monitor import TrainMonitor
 from phi3lit.optim import DEFAULTS as OPTIM_DEFAULTS
+from phi3lit.optim import carried_over_note
 from phi3lit.progress import ProgressLog
 from phi3lit.resume import explain, flat_config, resume_diff
 from phi3lit.runfolder import check_not_mixing, folder_entries, lock_run_folder, refuse_link
@@ -190,6 +191,9 @@ class Phi3LitCLI(LightningCLI):
         check_devices(config)
         if config.allocator == "keep":  # before the model's weights are allocated
             keep_freed_memory()
+        note = carried_over_note(config.get("optimizer")) if self.subcommand == "fit" else None
+        if note:
+            rank_zero_info(note)
         if self.subcommand == "fit":  # before any logger or callback creates folders in it
             root = Path(config.trainer.default_root_dir or os.getcwd())
             before = folder_entries(root)  # a fit that fails before training leaves the folder as it was

@@ -97,6 +97,23 @@ class WarmupCosine(LRScheduler):
         return [base * self.factor(max(0, self.last_epoch)) for base in self.base_lrs]
 
 
+def carried_over_note(optimizer) -> str | None:
+    """A line for an optimizer other than the default that runs with `fused=True` it was likely not asked for.
+
+    When `--optimizer` changes the class, jsonargparse keeps the init_args the new class shares with the one before
+    it, so the default AdamW's `fused: true` applies to SGD (or Adam, ...) too. Fused kernels are correct, and phi3lit's
+    non-finite guard works with both, so this is said, not changed.
+    """
+    if optimizer is None or optimizer.class_path == DEFAULTS["optimizer"]["class_path"]:
+        return None
+    if not (optimizer.get("init_args") or {}).get("fused"):
+        return None
+    return (
+        f"[phi3lit] optimizer {optimizer.class_path} runs with fused=True: settings a new --optimizer class shares "
+        "with the one before it (lr, weight_decay, fused, ...) carry over; --optimizer.fused null turns it off"
+    )
+
+
 def default_optimizer(params) -> torch.optim.Optimizer:
     """`DEFAULTS["optimizer"]`, for `Phi3LoRA` built in Python without the CLI."""
     return torch.optim.AdamW(params, **{**DEFAULTS["optimizer"]["init_args"], "betas": (0.9, 0.999)})

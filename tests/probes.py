@@ -137,6 +137,7 @@ class OptimizerFacts(_Probe):
             lr=group["lr"],
             weight_decay=group.get("weight_decay"),
             momentum=group.get("momentum"),
+            fused=group.get("fused"),
             params=sum(p.numel() for p in group["params"]),
             scheduler=type(scheduler.scheduler).__name__ if scheduler else None,
             interval=scheduler.interval if scheduler else None,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_main
 from probes import probe_arg, read_probe
 
 from phi3lit.commands import main
@@ -49,6 +50,21 @@ def test_optimizer_and_schedule_are_swapped_from_the_command_line(small_data, tm
     assert [s["lr"] for s in steps] == pytest.approx([0.05, 0.05, 0.025, 0.025])  # stepped per optimizer step
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["optimizer"]["class_path"] == "torch.optim.SGD" and saved["lr_scheduler"]["init_args"]["gamma"] == 0.5
+
+
+def test_another_optimizer_says_it_keeps_the_default_fused_setting(small_data, tmp_path):
+    """`--optimizer torch.optim.SGD` alone keeps AdamW's `fused: true` (jsonargparse carries shared init_args):
+    the run says so, and the optimizer that runs is fused; with `--optimizer.fused null` it is not, silently."""
+    out = tmp_path / "opt.jsonl"
+    said = run_main(
+        fit(small_data, tmp_path / "a", "--optimizer", "torch.optim.SGD", *probe_arg("OptimizerFacts", out))
+    )
+    assert "optimizer torch.optim.SGD runs with fused=True" in said
+    assert {s["fused"] for s in read_probe(out)} == {True}
+    out.unlink()
+    extra = ["--optimizer", "torch.optim.SGD", "--optimizer.fused", "null", *probe_arg("OptimizerFacts", out)]
+    said = run_main(fit(small_data, tmp_path / "b", *extra))
+    assert "runs with fused=True" not in said and {s["fused"] for s in read_probe(out)} == {None}
 
 
 def test_warmup_cosine_reaches_min_lr_ratio_on_the_last_step():
