@@ -129,7 +129,7 @@ def message_ends(path) -> list[int]:
 def test_a_damaged_cache_is_rebuilt_never_read(tmp_path, capsys, caplog, cut):
     cache = tmp_path / "cache"
     assert "tokenized      1,140 conversations now" in data_report(capsys, cache)
-    assert not list(cache.glob("tmp*"))
+    assert not list(cache.glob("phi3lit-tmp-*"))
     train = max(cache.glob("*.arrow"), key=lambda p: p.stat().st_size)  # 1,140 of the 1,200 conversations
     ends = message_ends(train)
     assert len(ends) >= 3  # the schema and at least two record batches of 1,000 rows
@@ -151,9 +151,10 @@ def test_stale_temporary_files_are_removed_and_fresh_ones_kept(tmp_path, capsys)
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    old = cache / "tmpabc123"  # datasets' own temporary name
-    of_dead = cache / f"tmp-{socket.gethostname()}-999999999-x.arrow"  # ours, of a pid above Linux's pid_max
-    fresh = cache / "tmpfresh"
+    host = socket.gethostname()
+    old = cache / "phi3lit-tmp-otherhost-1-x.arrow"  # another machine's, an hour untouched: its writer is gone
+    of_dead = cache / f"phi3lit-tmp-{host}-999999999-x.arrow"  # ours, of a pid above Linux's pid_max
+    fresh = cache / "phi3lit-tmp-otherhost-2-y.arrow"  # just written: may be a concurrent run's file in the making
     for f in (old, of_dead, fresh):
         f.write_bytes(b"partial")
     os.utime(old, (time.time() - 3600, time.time() - 3600))  # an hour untouched: its writer is gone

@@ -1,13 +1,13 @@
 """Tokenize once: the tokenized cache, its key and its integrity.
 
-Tokenization runs once per (conversations, tokenizer, settings, code): `tokenize_cached` tokenizes through
-`datasets.Dataset.map` into an Arrow file under the cache folder, named by a hash of all of those, and a later run
-with the same inputs loads that file instead of tokenizing again. The code part of the key hashes every module that
-can change the ids (`ID_MODULES`), not one file. The file is written under a temporary name, fsync'ed and renamed
-into place; then a small `<key>.json` beside it records its rows, tokens, size and sha256. A cache file that does not
-match its record (truncated, altered, or without one) is never read: it is tokenized again, with one log line naming
-it. Temporary files that killed runs left behind are removed once their process is gone or they are 15 minutes old.
-"""
+Tokenization runs once per (conversations, tokenizer, settings, code): `tokenize_cached` tokenizes into an Arrow file
+under the cache folder, named by a hash of all of those, and a later run with the same inputs loads that file instead
+of tokenizing again. The code part of the key hashes every module that can change the ids (`ID_MODULES`), not one
+file. The file is written under a temporary name (`phi3lit-tmp-...`, created new, never through a link), fsync'ed and
+renamed into place; then a small `<key>.json` beside it records its rows, tokens, size and sha256. A cache file that
+does not match its record (truncated, altered, or without one) is never read: it is tokenized again, with one log
+line naming it. Temporary files that killed runs left behind are removed once their process is gone or they are 15
+minutes old; nothing else in the folder is touched. A full or read-only cache folder is one `EnvironmentProblem`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.data.chat import tokenize_example
+from phi3lit.errors import EnvironmentProblem
 from phi3lit.loss import IGNORE_INDEX
 
 # Every module whose code can change a cached row (its ids, labels, lengths or outcome): the key hashes them all.
@@ -121,21 +123,29 @@ def conversations_digest(conversations: Sequence[Sequence[dict[str, str]]]) -> s
     return h.hexdigest()
 
 
-# A run's temporary files in the cache folder: `tmp-<host>-<pid>-<key>.arrow` (ours) and `tmp*` (datasets' own, while
-# it writes). Left behind by killed runs; removed when their process is gone or they have not changed for this long.
+# This module's temporary files in the cache folder, `phi3lit-tmp-<host>-<pid>-<name>`: the only entries it ever
+# removes there (never a folder, a link or another program's `tmp*`: the folder may be /tmp). Left behind by killed
+# runs; removed when their process is gone or they have not changed for this long.
+_TEMP = "phi3lit-tmp-"
 _STALE_TEMP_S = 15 * 60  # a live writer touches its file at every batch of 1,000 examples, far more often
 
 
 def _temp_prefix() -> str:
-    return f"tmp-{socket.gethostname()}-{os.getpid()}-"
+    return f"{_TEMP}{socket.gethostname()}-{os.getpid()}-"
 
 
 def _remove_stale_temp_files(cache: Path) -> None:
-    ours, now = f"tmp-{socket.gethostname()}-", time.time()
-    for f in cache.glob("tmp*"):
+    ours, now = f"{_TEMP}{socket.gethostname()}-", time.time()
+    for f in cache.glob(f"{_TEMP}*"):
+        try:
+            st = f.lstat()  # the entry itself: a link is never followed, nor removed
+        except OSError:  # its writer renamed or removed it meanwhile
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
         pid = f.name[len(ours) :].split("-", 1)[0] if f.name.startswith(ours) else ""
         dead = False
-        if pid.isdigit():  # ours, from this machine (a shared cache folder may serve others): is its writer alive?
+        if pid.isdigit():  # from this machine (a shared cache folder may serve others): is its writer alive?
             try:
                 os.kill(int(pid), 0)
             except ProcessLookupError:
@@ -143,10 +153,16 @@ def _remove_stale_temp_files(cache: Path) -> None:
             except PermissionError:  # alive, another user's
                 pass
         try:
-            if dead or now - f.stat().st_mtime > _STALE_TEMP_S:
+            if dead or now - st.st_mtime > _STALE_TEMP_S:
                 f.unlink()
-        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+        except OSError:  # removed meanwhile, or another user's file in a shared folder: not ours to force
             pass
+
+
+def _create(path: Path):
+    """A new file opened for writing: never an existing file, nor through a link someone put at that name."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "wb")
 
 
 def _sha256_file(path: Path) -> str:
@@ -155,15 +171,6 @@ def _sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_write(path: Path, data: bytes | None = None) -> None:
-    """Write `data` (or just flush an existing file) to `path` and fsync it."""
-    with open(path, "r+b" if data is None else "wb") as f:
-        if data is not None:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -180,21 +187,27 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _publish_cache(tmp: Path, path: Path, ds):
-    """Move a complete tokenized file into place, then record what it holds beside it; return it, re-opened."""
+    """Move a complete tokenized file into place with the record of what it holds; return it, re-opened.
+
+    Both are written under temporary names first; the data is renamed into place before its record, so a record
+    always describes a complete file.
+    """
     import datasets
 
-    _fsync_write(tmp)
     record = {
         "rows": len(ds),
         "tokens": int(sum(ds["length"])),
         "bytes": tmp.stat().st_size,
         "sha256": _sha256_file(tmp),
     }
-    os.replace(tmp, path)
     side = path.with_suffix(".json")
     side_tmp = path.parent / f"{_temp_prefix()}{side.name}"
-    _fsync_write(side_tmp, json.dumps(record).encode())
-    os.replace(side_tmp, side)  # written after the data: a record always describes a complete file
+    with _create(side_tmp) as f:
+        f.write(json.dumps(record).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    os.replace(side_tmp, side)
     _fsync_dir(path.parent)
     return datasets.Dataset.from_file(str(path))
 
@@ -246,14 +259,43 @@ def _features():
     )
 
 
+def _write_tokenized(conversations: list, encode, tmp: Path, name: str) -> None:
+    """Tokenize `conversations` with `encode`, 1,000 at a time, into the Arrow file `tmp` (new), fsync'ed."""
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.utils import tqdm
+
+    with _create(tmp) as f, tqdm(total=len(conversations), desc=f"tokenize {name}", unit=" examples") as bar:
+        writer = ArrowWriter(features=_features(), stream=pa.PythonFile(f, mode="w"))
+        for start in range(0, len(conversations), 1000):  # one record batch each, as datasets' `map` writes
+            batch = conversations[start : start + 1000]
+            writer.write_batch(encode({"messages": batch}))
+            bar.update(len(batch))
+        writer.finalize(close_stream=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _unwritable(cache: Path, error: OSError) -> EnvironmentProblem:
+    why = error.strerror or str(error).splitlines()[0][:160] or type(error).__name__
+    return EnvironmentProblem(
+        f"--data.cache_dir {cache}: cannot write the tokenized data there ({why}); nothing was left there. Free "
+        "space there, or point --data.cache_dir at a folder with room"
+    )
+
+
 def tokenize_cached(conversations: list, tokenizer, settings: dict, cache: Path, name: str):
     """The tokenized dataset of `conversations` (one row per conversation: `_features()`), read from `cache` when
     there, else tokenized with `tokenize_example` under `settings` and written there. Returns (dataset, how many
-    conversations were tokenized now: 0 when the cache had them)."""
+    conversations were tokenized now: 0 when the cache had them). A cache folder that cannot be written (full,
+    read-only) raises `EnvironmentProblem`, with this run's temporary files removed."""
     import datasets
 
     key = cache_key(conversations, tokenizer, **settings)
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(cache, e) from None
     calls = [0]
 
     def encode(batch):
@@ -273,19 +315,15 @@ def tokenize_cached(conversations: list, tokenizer, settings: dict, cache: Path,
     _remove_stale_temp_files(cache)
     path = cache / f"{key}.arrow"
     ds = _read_cache(path)
-    if not conversations:  # e.g. everything held out for validation; `map` would drop the columns
+    if not conversations:  # e.g. everything held out for validation
         ds = datasets.Dataset.from_dict({k: [] for k in _features()}, features=_features())
     elif ds is None:
         tmp = cache / f"{_temp_prefix()}{key}.arrow"  # renamed into place only once complete and on disk
-        ds = datasets.Dataset.from_dict({"messages": conversations}).map(
-            encode,
-            batched=True,
-            remove_columns=["messages"],
-            features=_features(),
-            cache_file_name=str(tmp),
-            load_from_cache_file=False,
-            new_fingerprint=key,
-            desc=f"tokenize {name}",
-        )
-        ds = _publish_cache(tmp, path, ds)
+        try:
+            _write_tokenized(conversations, encode, tmp, name)
+            ds = _publish_cache(tmp, path, datasets.Dataset.from_file(str(tmp)))
+        except OSError as e:  # disk full, quota, read-only: this run's temporary files go, the message stays
+            for f in (tmp, cache / f"{_temp_prefix()}{key}.json"):
+                f.unlink(missing_ok=True)
+            raise _unwritable(cache, e) from None
     return ds, calls[0]

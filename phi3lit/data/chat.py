@@ -14,13 +14,16 @@ start and cuts at a turn boundary, keeping the most whole turns that end with an
 conversation is rendered again, so it ends as the template ends it); if even the first reply does not fit, it keeps
 the first `max_length` tokens up to and into that reply, as long as at least one reply token survives, and
 otherwise skips the example (`skipped_too_long`). A row therefore never ends on a dangling role header. `drop`
-drops every overlong example (`dropped`).
+drops every overlong example (`dropped`). Before any of this, content far past `max_length` tokens' worth of
+characters is cut off (`bound_messages`), with exactly the ids, labels and outcome of the whole conversation, so
+the tokenizer's memory per example is bounded whatever the input.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -170,6 +173,58 @@ class Tokenized(NamedTuple):
     full_length: int  # tokens before truncation
 
 
+# A cut point in message content: just after a character other than a space, tab or newline that one of those
+# follows. No Phi-3 token (nor one of the tiny tokenizer's) has such a pair inside it, so no BPE merge crosses such a
+# point and the text before it tokenizes exactly as it does inside the whole text.
+_WORD_END = re.compile(r"[^ \t\n](?=[ \t\n])")
+_CUT_MARGIN = 64  # characters past the bound, so that even the first token after it is whole
+_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> longest token, in characters
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token can cover: the longest token string in the vocabulary.
+
+    A sentencepiece token string maps 1:1 to characters (`▁` for a space); a byte-level one has one character per
+    byte, and a character is at least one byte. Byte-fallback pieces (`<0x0A>`) only overstate it. Assumes the
+    normalizer deletes no characters (Phi-3's only prepends `▁` and maps spaces to it).
+    """
+    if tokenizer not in _LONGEST_TOKEN:  # once per tokenizer, not once per example (32,064 strings)
+        _LONGEST_TOKEN[tokenizer] = max(1, max(map(len, tokenizer.get_vocab()), default=1))
+    return _LONGEST_TOKEN[tokenizer]
+
+
+def bound_messages(
+    messages: Sequence[dict[str, str]], max_length: int, longest_token: int
+) -> tuple[list[dict[str, str]], bool, bool]:
+    """The start of a conversation that is enough to tokenize its first `max_length` tokens exactly.
+
+    The first `max_length` tokens cover at most `max_length * longest_token` characters of message content, so
+    content beyond that (plus a margin) cannot change them: it is cut at the first word end past the bound, and
+    later messages are left out. A word end is looked for up to the bound again; a run of characters without a
+    space longer than that is cut inside, where only BPE merges near the cut could differ, a bound away from the
+    tokens kept. A cut conversation still has more than `max_length` tokens, so every truncation decision is the
+    same as for the whole one. The cut is at the right because `truncation` keeps the start; a mode that keeps the
+    end would have to cut at the left. Returns (messages, whether anything was cut, whether a left-out message was
+    a reply). This bounds the tokenizer's memory whatever the input: tokenizing a 50 MB message whole took 18 GB.
+    """
+    bound = max_length * longest_token + _CUT_MARGIN
+    kept, used = [], 0
+    for k, m in enumerate(messages):
+        content = m["content"]
+        if used + len(content) <= bound:
+            kept.append(m)
+            used += len(content)
+            continue
+        start = bound - used
+        end = _WORD_END.search(content, start, start + bound)
+        cut = end.end() if end else min(len(content), start + bound)
+        if cut < len(content):  # else the message ends inside the window: a special token follows it anyway
+            m = {**m, "content": content[:cut]}
+        rest = messages[k + 1 :]
+        return [*kept, m], True, any(r["role"] == "assistant" for r in rest)
+    return kept, False, False
+
+
 def tokenize_example(
     messages: Sequence[dict[str, str]],
     tokenizer,
@@ -177,10 +232,28 @@ def tokenize_example(
     train_on: Literal["assistant", "all"] = "assistant",
     truncation: Literal["truncate", "drop"] = "truncate",
 ) -> Tokenized:
-    """Tokenize one training conversation under the truncation policy (see the module docstring)."""
+    """Tokenize one training conversation under the truncation policy (see the module docstring).
+
+    Content far beyond `max_length` tokens is cut first (`bound_messages`), with the same ids, labels and outcome
+    as the whole conversation; `full_length` of a cut conversation counts only what was kept (still over
+    `max_length`).
+    """
+    messages, _, reply_cut_off = bound_messages(messages, max_length, longest_token_chars(tokenizer))
+    return _tokenize_whole(messages, tokenizer, max_length, train_on, truncation, reply_cut_off)
+
+
+def _tokenize_whole(
+    messages: Sequence[dict[str, str]],
+    tokenizer,
+    max_length: int,
+    train_on: Literal["assistant", "all"] = "assistant",
+    truncation: Literal["truncate", "drop"] = "truncate",
+    reply_cut_off: bool = False,
+) -> Tokenized:
+    """`tokenize_example` on the whole conversation, however long (`reply_cut_off`: a reply was cut off after it)."""
     ids, reply = encode_chat(messages, tokenizer)
     out, full = _labelled(ids, reply, train_on), len(ids)
-    if all(x == IGNORE_INDEX for x in out["labels"]):
+    if all(x == IGNORE_INDEX for x in out["labels"]) and not reply_cut_off:
         return Tokenized(None, NO_REPLY, full)
     if full <= max_length:
         return Tokenized(out, KEPT, full)

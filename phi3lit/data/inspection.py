@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Sequence
 
 from phi3lit.data.chat import TRUNCATED
+from phi3lit.errors import DataError
 from phi3lit.loss import IGNORE_INDEX
 
 
@@ -37,9 +38,10 @@ def render_trained(ids: Sequence[int], labels: Sequence[int], tokenizer, mark: t
 def describe(dm, split: str = "train", example: int | str = 0) -> str:
     """A printable report on one split: counts, lengths, packing, and one example with trained tokens in [[ ]].
 
-    Sets the data module up for the split if needed. `example` indexes the split's examples as tokenized
-    (after the validation hold-out and anything skipped while reading), or picks one: `longest` (before
-    truncation) or `truncated` (the one that lost the most tokens to max_length).
+    Sets the data module up for the split if needed. Data that leaves no training row raises the `DataError` that
+    `fit` raises for it (for the train and val splits, which `fit` reads). `example` indexes the split's examples
+    as tokenized (after the validation hold-out and anything skipped while reading), or picks one: `longest`
+    (before truncation) or `truncated` (the one that lost the most tokens to max_length).
     """
     stages = {"train": "fit", "val": "fit", "test": "test"}
     if split not in stages:
@@ -47,6 +49,9 @@ def describe(dm, split: str = "train", example: int | str = 0) -> str:
     if split not in dm.rows:
         dm.setup(stages[split])
     hp = dm.hparams
+    if stages[split] == "fit" and not dm.rows["train"]:  # `fit` refuses this data: say so, exit 2, as it would
+        held_out = 0 if hp.val_file else dm.stats.get("val", {}).get("examples", 0)
+        raise DataError(dm._nothing_to_train(dm.stats["train"], held_out))
     source = {"train": hp.train_file, "val": hp.val_file or f"{hp.train_file} (held out)", "test": hp.test_file}
     lines = [
         f"phi3lit data: {split} split of {source[split]}",

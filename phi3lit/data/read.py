@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import stat
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -41,6 +43,21 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
 
 
+def _too_deep(where: str) -> DataError:
+    return DataError(
+        f"{where}: JSON nested too deeply to read (more than {sys.getrecursionlimit():,} levels of [ or {{); an "
+        "example is an object of messages: fix or remove it"
+    )
+
+
+def _loads(text: str, where: str) -> object:
+    """`json.loads`, with nesting deeper than Python's stack allows as a `DataError` naming `where`."""
+    try:
+        return json.loads(text)
+    except RecursionError:  # json nests one Python call per level; a file can nest deeper than the stack allows
+        raise _too_deep(where) from None
+
+
 def _read_json_rows(path: Path) -> list[tuple[str, object]]:
     """(location, row) pairs from a JSON list or JSONL file, with line-precise errors."""
     text = _read_text(path)
@@ -55,34 +72,72 @@ def _read_json_rows(path: Path) -> list[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                rows.append((f"{path}:{lineno}", json.loads(line)))
+                rows.append((f"{path}:{lineno}", _loads(line, f"{path}:{lineno}")))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         return rows
     try:
-        data = json.loads(text)
+        data = _loads(text, str(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
     # A second, position-only pass so that messages can name the line of a pretty-printed list's element.
-    lines = _json_list_lines(text)
+    try:
+        lines = _json_list_lines(text)
+    except RecursionError:  # as deep as json.loads just managed, from a few calls deeper
+        raise _too_deep(str(path)) from None
     return [(f"{path}:{line} (row {i})", row) for i, (line, row) in enumerate(zip(lines, data, strict=True))]
+
+
+_NOT_A_FILE = {
+    stat.S_IFDIR: "a folder", stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+}  # fmt: skip
+
+
+def _check_file(path: Path, source: str) -> None:
+    """A data file must be a regular file. Only its status is read, so a named pipe never blocks the run; a link the
+    user made to their file is followed (reading it is fine; phi3lit never writes there)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        broken = " (a symbolic link to a missing file)" if path.is_symlink() else ""
+        raise DataError(f"{source}: no such data file{broken}") from None
+    except OSError as e:
+        raise DataError(f"{source}: cannot read it ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        what = _NOT_A_FILE.get(stat.S_IFMT(mode), "not a regular file")
+        if stat.S_ISDIR(mode):
+            todo = "name a .jsonl, .json or .parquet file in it"
+        else:  # a pipe would block until something writes to it, and reads only once
+            todo = "copy what it gives to a file and name that"
+        raise DataError(f"{source}: is {what}, not a data file; {todo}")
+
+
+def _read_parquet_rows(path: Path) -> list[tuple[str, object]]:
+    import datasets
+    import pyarrow.parquet as pq
+
+    try:  # its footer first, before datasets builds anything from it
+        pq.ParquetFile(path).close()
+        ds = datasets.Dataset.from_parquet(str(path))
+    except Exception as e:  # pyarrow's ArrowInvalid (no magic bytes, bad footer or pages), an OSError, ...
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise DataError(
+            f"{path}: not a readable Parquet file ({first}); write it with pandas, pyarrow or datasets"
+        ) from None
+    return [(f"{path} row {i}", row) for i, row in enumerate(ds)]
 
 
 def _read_rows(source: str, split: str, config: str | None = None) -> list[tuple[str, object]]:
     path = Path(source)
     if path.suffix in (".json", ".jsonl"):
-        if not path.is_file():
-            raise DataError(f"{source}: no such data file")
+        _check_file(path, source)
         return _read_json_rows(path)
     if path.suffix == ".parquet":
-        if not path.is_file():
-            raise DataError(f"{source}: no such data file")
-        import datasets
-
-        ds = datasets.Dataset.from_parquet(str(path))
-        return [(f"{path} row {i}", row) for i, row in enumerate(ds)]
+        _check_file(path, source)
+        return _read_parquet_rows(path)
     import datasets  # anything else is a hub dataset name
 
     ds = datasets.load_dataset(source, config, split=split)
