@@ -297,6 +297,11 @@ def test_fp8_precision_needs_a_gpu(small_data, tmp_path, capsys):
         (["--trainer.max_steps", "0"], "trainer.max_steps=0 trains nothing"),
         (["--data.val_fraction", "0.999"], "data.val_fraction=0.999 holds out more than half"),
         (["--model.lora.r", "100000"], "model.lora.r=100000 is above min(in, out)=256 of qkv_proj (256, 256)"),
+        (["--trainer.log_every_n_steps", "0"], "trainer.log_every_n_steps must be at least 1, got 0"),
+        (["--checkpoint.every_n_train_steps", "-1"], "checkpoint.every_n_train_steps must be >= 0"),
+        (["--data.num_workers", "-3"], "data.num_workers must be >= 0"),
+        # A value the parser itself refuses: its message in one line, not 120 lines of usage.
+        (["--model.lora.dropout", "nan"], "model.lora.dropout\": Expected a <class 'float'>. Got value: nan"),
     ],
     ids=[
         "rank",
@@ -311,11 +316,15 @@ def test_fp8_precision_needs_a_gpu(small_data, tmp_path, capsys):
         "max_steps",
         "val_fraction",
         "huge_rank",
+        "log_every_0",
+        "every_n_negative",
+        "workers_negative",
+        "dropout_nan_parse",
     ],
 )
 def test_impossible_config_values_fail_before_loading(small_data, tmp_path, capsys, extra, message):
     err = explain(capsys, fit_cmd(small_data, tmp_path, *extra)[3:])
-    assert f"phi3lit: config error: {message}" in err
+    assert f"phi3lit: config error: {message}" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -154,20 +154,6 @@ def test_a_symlinked_lock_is_refused_and_its_target_untouched(small_data, tmp_pa
     assert target.read_text() == "keep me"
 
 
-@pytest.mark.parametrize(
-    "option, message",
-    [
-        (["--trainer.log_every_n_steps", "0"], "trainer.log_every_n_steps must be at least 1, got 0"),
-        (["--checkpoint.every_n_train_steps", "-1"], "checkpoint.every_n_train_steps must be >= 0"),
-        (["--data.num_workers", "-3"], "data.num_workers must be >= 0"),
-        (["--model.lora.dropout", "nan"], "model.lora.dropout\": Expected a <class 'float'>. Got value: nan"),
-    ],
-)  # fmt: skip
-def test_values_that_cannot_work_are_one_line(small_data, tmp_path, capsys, option, message):
-    err = explain(capsys, fit_args(small_data, tmp_path / "run", *option))
-    assert message in err and len(err.strip().splitlines()) == 1
-
-
 def test_printed_commands_survive_a_path_with_spaces(small_data, tmp_path, capsys):
     import shlex
 
