@@ -301,7 +301,10 @@ def test_fp8_precision_needs_a_gpu(small_data, tmp_path, capsys):
         (["--checkpoint.every_n_train_steps", "-1"], "checkpoint.every_n_train_steps must be >= 0"),
         (["--data.num_workers", "-3"], "data.num_workers must be >= 0"),
         # A value the parser itself refuses: its message in one line, not 120 lines of usage.
-        (["--model.lora.dropout", "nan"], "model.lora.dropout\": Expected a <class 'float'>. Got value: nan"),
+        (
+            ["--model.lora.dropout", "nan"],
+            "Parser key \"model.lora.dropout\": Expected a <class 'float'>. Got value: nan",
+        ),
     ],
     ids=[
         "rank",
