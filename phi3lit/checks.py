@@ -32,6 +32,8 @@ def check_values(config) -> None:
         raise ConfigError(f"optimizer.init_args.lr must be a finite number >= 0, got {lr}")  # 0: keep the adapter
     if data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be at least 1, got {data.batch_size}")
+    if data.get("val_batch_size") is not None and data.val_batch_size < 1:
+        raise ConfigError(f"data.val_batch_size must be at least 1 (null: batch_size), got {data.val_batch_size}")
     if trainer.log_every_n_steps is not None and trainer.log_every_n_steps < 1:  # phi3lit logs every N steps
         raise ConfigError(f"trainer.log_every_n_steps must be at least 1, got {trainer.log_every_n_steps}")
     every = (config.get("checkpoint") or Namespace()).get("every_n_train_steps")
@@ -39,6 +41,11 @@ def check_values(config) -> None:
         raise ConfigError(f"checkpoint.every_n_train_steps must be >= 0 (0 or null: no step checkpoints), got {every}")
     if data.get("num_workers") is not None and data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0 (0: load in the main process), got {data.num_workers}")
+    if config.get("weights_only") is False:  # Lightning's option to unpickle a checkpoint (code in it would run)
+        raise ConfigError(
+            "weights_only=false: phi3lit loads checkpoints weights-only (tensors and plain data), never by "
+            "unpickling code they name; drop the option"
+        )
     if not data.val_file and data.val_fraction > 0.5:  # a typo for 0.0999 would train on a sliver of the data
         raise ConfigError(
             f"data.val_fraction={data.val_fraction} holds out more than half of data.train_file for validation; "

@@ -45,3 +45,23 @@ def test_one_and_two_processes_score_the_same_rows_once(run_dir, small_data, tmp
     assert {f"{stage}/loss", f"{stage}/token_acc"} <= a.keys()
     for tag in (f"{stage}/loss", f"{stage}/token_acc", f"{stage}/ppl"):
         assert abs(a[tag] - b[tag]) <= 1e-6 * max(1.0, abs(a[tag])), (tag, a[tag], b[tag])
+
+
+def test_val_batch_size_makes_runs_of_other_batch_sizes_score_the_same_rows(run_dir, small_data, tmp_path):
+    """`limit_val_batches: 2` scores 2 x val_batch_size rows: with it fixed, runs that differ in `data.batch_size`
+    (a sweep axis) score the same rows and give the same val loss for the same weights."""
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(TINY_DATA.read_text().splitlines(keepends=True)[199:212]))  # 7 packed rows
+    args = [
+        "validate", "--config", TINY, "--data.train_file", str(small_data), "--data.val_file", str(held_out),
+        "--data.max_length", "128", "--data.val_batch_size", "2", "--trainer.limit_val_batches", "2",
+        "--samples.prompts", "[]", "--trainer.enable_progress_bar", "false",
+        "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"),
+    ]  # fmt: skip
+    losses = []
+    for batch_size in (2, 4):
+        root = tmp_path / f"bs{batch_size}"
+        said = run_main([*args, "--data.batch_size", str(batch_size), "--trainer.default_root_dir", str(root)])
+        assert "limit_val_batches=2 scores 4 of 7 packed rows" in said
+        losses.append(scalars(root, "val")["val/loss"])
+    assert losses[0] == losses[1]

@@ -300,6 +300,7 @@ def test_fp8_precision_needs_a_gpu(small_data, tmp_path, capsys):
         (["--trainer.log_every_n_steps", "0"], "trainer.log_every_n_steps must be at least 1, got 0"),
         (["--checkpoint.every_n_train_steps", "-1"], "checkpoint.every_n_train_steps must be >= 0"),
         (["--data.num_workers", "-3"], "data.num_workers must be >= 0"),
+        (["--data.val_batch_size", "0"], "data.val_batch_size must be at least 1 (null: batch_size), got 0"),
         # A value the parser itself refuses: its message in one line, not 120 lines of usage.
         (
             ["--model.lora.dropout", "nan"],
@@ -322,6 +323,7 @@ def test_fp8_precision_needs_a_gpu(small_data, tmp_path, capsys):
         "log_every_0",
         "every_n_negative",
         "workers_negative",
+        "val_batch_size",
         "dropout_nan_parse",
     ],
 )

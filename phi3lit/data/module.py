@@ -52,6 +52,7 @@ class ChatDataModule(L.LightningDataModule):
         max_length: int = 1024,
         train_on: Literal["assistant", "all"] = "assistant",
         batch_size: int = 4,
+        val_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool | None = None,
         seed: int = 0,
@@ -75,6 +76,9 @@ class ChatDataModule(L.LightningDataModule):
             max_length: tokens per packed row; longer conversations follow `truncation`. Linked to the model.
             train_on: `assistant` trains on replies and their `<|end|>`; `all` on every token (model card).
             batch_size: packed rows per micro-batch.
+            val_batch_size: packed rows per validation and test batch (None: `batch_size`). `limit_val_batches: N`
+                scores the first N x val_batch_size rows of the seeded order, so runs that differ in `batch_size`
+                score the same rows when they share this (`ablate` sets it for a `data.batch_size` axis).
             num_workers: DataLoader worker processes (collation is cheap; measured in experiments/bench).
             pin_memory: page-locked batches, so the copy to a GPU runs asynchronously; None: on when training
                 on CUDA, off on CPU, where it would only cost a copy.
@@ -271,7 +275,7 @@ class ChatDataModule(L.LightningDataModule):
             )
         loader = ResumableLoader(
             self.rows[name],
-            batch_size=self.hparams.batch_size,
+            batch_size=self._batch_size(name),
             sampler=sampler,
             # Pad with <unk> (id 0 in Phi-3), never eos; padding is masked by position anyway.
             collate_fn=functools.partial(collate, pad_id=self.tokenizer.unk_token_id or 0),
@@ -284,11 +288,16 @@ class ChatDataModule(L.LightningDataModule):
             self._log_limited(name, sampler)
         return loader
 
+    def _batch_size(self, name: str) -> int:
+        if name in ("val", "test") and self.hparams.val_batch_size:
+            return self.hparams.val_batch_size
+        return self.hparams.batch_size
+
     def _log_limited(self, name: str, sampler: ScoredOnceSampler) -> None:
         """Say exactly what a `limit_val_batches` / `limit_test_batches` below the whole split scores."""
         key = f"limit_{name}_batches"
         limit = getattr(self.trainer, key, None)
-        rows, bs = self.rows[name], self.hparams.batch_size
+        rows, bs = self.rows[name], self._batch_size(name)
         batches = math.ceil(sampler.num_samples / bs)  # per rank; drop_last is off
         if limit is None or batches == 0:
             return
