@@ -22,6 +22,9 @@ from pathlib import Path
 from phi3lit.errors import ConfigError
 from phi3lit.lora import FUSED, LoraSpec, peft_config, resolve_targets, slice_rows
 
+# A split export's base_model_name_or_path: its base/ folder, relative so that the folder can be moved. "./" is
+# never a hub id, so no client can mistake it for a model to download.
+SPLIT_BASE = "./base"
 SPLIT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj"}
 # Files that make up a tokenizer in a Hugging Face model folder; copied from the base as they are.
 TOKENIZER_FILES = (
@@ -44,6 +47,13 @@ def read_adapter_config(folder: str, key: str) -> dict:
         raise ConfigError(f"{config}: not a peft adapter config ({type(e).__name__}: {e})") from None
     if not (Path(folder) / "adapter_model.safetensors").is_file():
         raise ConfigError(f"{key} {folder}: no adapter_model.safetensors there")
+    name = cfg["base_model_name_or_path"]
+    if isinstance(name, str) and name.startswith(("./", "../")):  # relative to the adapter folder (split export)
+        base = Path(folder) / name
+        if base.is_symlink() or not base.is_dir():  # a link there was not made by phi3lit: not followed
+            raise ConfigError(f"{config}: base_model_name_or_path {name!r} is not a folder beside the adapter "
+                              f"({base}); move the whole export folder, base/ included")  # fmt: skip
+        cfg["base_model_name_or_path"] = str(base.resolve())
     return cfg
 
 
@@ -154,54 +164,60 @@ def publish(stage: Path, out_dir: Path) -> None:
         os.replace(path, target)
 
 
-def write_card(folder: Path, checkpoint: dict, module, report: dict, layout: str = "fused", raw: bool = False) -> None:
-    """README.md: a model card with the base, data, LoRA settings, steps, metrics, clients and how to load it."""
+def _training_rows(checkpoint: dict, module) -> list[str]:
+    """The model card rows every export shares: base, data, steps and the LoRA settings it was trained with."""
     from dataclasses import asdict
 
-    folder = Path(folder)
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    base = public_base_name(module.hparams.pretrained)
     spec = asdict(module.lora)
     data = checkpoint.get("datamodule_hyper_parameters") or {}
-    metrics = _metrics(checkpoint)
-    lines = [
-        "---",
-        f"base_model: {base}",
-        "library_name: peft",
-        "tags: [lora, phi3lit]",
-        "---",
-        "",
-        f"# LoRA adapter for {base}",
-        "",
-        f"Trained with phi3lit; {'written by `phi3lit export`' if not raw else 'saved at the end of `fit`'}.",
-        "",
+    return [
         "| | |",
         "| --- | --- |",
-        f"| base model | `{base}` |",
-        f"| layout | {layout}{' (Llama-style names; base in `base/`)' if layout == 'split' else ''} |",
+        f"| base model | `{public_base_name(module.hparams.pretrained)}` |",
         f"| training data | `{data.get('train_file', 'unknown')}` (split `{data.get('split', '-')}`) |",
         f"| max length | {data.get('max_length', '-')} |",
         f"| steps | {checkpoint.get('global_step', 'unknown')} (epoch {checkpoint.get('epoch', '-')}) |",
         f"| LoRA targets | {', '.join(map(str, spec['targets']))} |",
         f"| r / alpha / dropout (training) | {spec['r']} / {spec['alpha']} / {spec['dropout']} |",
         f"| rsLoRA / DoRA / init | {spec['use_rslora']} / {spec['use_dora']} / {spec['init']} |",
+        f"| bias (training) | {spec['bias']} |",
         f"| rank / alpha patterns (training) | {spec['rank_pattern'] or '-'} / {spec['alpha_pattern'] or '-'} |",
         f"| modules_to_save | {spec['modules_to_save'] or '-'} |",
-        f"| written as | r={cfg['r']}, lora_alpha={cfg['lora_alpha']}, rank_pattern={cfg.get('rank_pattern') or '-'}, "
-        f"alpha_pattern={cfg.get('alpha_pattern') or '-'}, use_rslora={cfg.get('use_rslora')} |",
     ]
-    lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
-    if not metrics:
-        lines.append("| final metrics | none in the checkpoint |")
+
+
+def _end_rows(checkpoint: dict, report: dict) -> list[str]:
+    metrics = _metrics(checkpoint)
+    lines = [f"| {k} | {v:.4g} |" for k, v in metrics.items()] or ["| final metrics | none in the checkpoint |"]
     lines += ["", "## Clients", ""]
-    lines += [f"- **{c}**: {'yes' if ok else 'no'}: {why}" for c, (ok, why) in report.items()]
+    return lines + [f"- **{c}**: {'yes' if ok else 'no'}: {why}" for c, (ok, why) in report.items()]
+
+
+def write_card(folder: Path, checkpoint: dict, module, report: dict, layout: str = "fused", raw: bool = False) -> None:
+    """README.md: a model card with the base, data, LoRA settings, steps, metrics, clients and how to load it."""
+    folder = Path(folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    base = public_base_name(module.hparams.pretrained)
+    lines = ["---", f"base_model: {base}", "library_name: peft", "tags: [lora, phi3lit]", "---", ""]
+    lines += [
+        f"# LoRA adapter for {base}",
+        "",
+        f"Trained with phi3lit; {'written by `phi3lit export`' if not raw else 'saved at the end of `fit`'}.",
+        "",
+        *_training_rows(checkpoint, module),
+        f"| layout | {layout}{' (Llama-style names; base in `base/`)' if layout == 'split' else ''} |",
+        f"| written as | r={cfg['r']}, lora_alpha={cfg['lora_alpha']}, rank_pattern={cfg.get('rank_pattern') or '-'}, "
+        f"alpha_pattern={cfg.get('alpha_pattern') or '-'}, use_rslora={cfg.get('use_rslora')}, "
+        f"bias={cfg.get('bias')} |",
+        *_end_rows(checkpoint, report),
+    ]
     if not raw:
         lines += [
             "",
             "The adapter is written so that every module has one rank and the scale `lora_alpha / r`: peft, vLLM "
             "and llama.cpp compute the same function (phi3lit checked every module when exporting).",
         ]
-    loader = "the split base in `base/`" if layout == "split" else f"`{base}`"
+    split = layout == "split"
     lines += [
         "",
         "## Loading",
@@ -210,12 +226,53 @@ def write_card(folder: Path, checkpoint: dict, module, report: dict, layout: str
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f"base = AutoModelForCausalLM.from_pretrained(BASE)  # {loader}",
+        'base = AutoModelForCausalLM.from_pretrained(f"{ADAPTER_DIR}/base")  # the split base beside the adapter'
+        if split
+        else f"base = AutoModelForCausalLM.from_pretrained(BASE)  # `{base}`",
         "model = PeftModel.from_pretrained(base, ADAPTER_DIR)",
         "tokenizer = AutoTokenizer.from_pretrained(ADAPTER_DIR)  # the base's own tokenizer files",
         "```",
         "",
         "or `python -m phi3lit chat --adapter ADAPTER_DIR` (`builtin:` bases are resolved by phi3lit).",
+    ]
+    if split:
+        lines += [
+            "",
+            f"`base_model_name_or_path` is `{SPLIT_BASE}`, relative to this folder, so the folder can be moved whole. "
+            "phi3lit resolves it against the adapter folder; peft's `AutoPeftModelForCausalLM` passes it to "
+            "`from_pretrained` as it is, so run that from inside this folder, or load `base/` yourself as above.",
+        ]
+    (folder / "README.md").write_text("\n".join([*lines, ""]))
+
+
+def write_merged_card(folder: Path, checkpoint: dict, module, report: dict, layout: str, dtype: str) -> None:
+    """README.md for `export --merge`: what the folder is (the base with the LoRA update folded in), the base,
+    the LoRA settings it was trained with, and how to load it with transformers alone."""
+    folder = Path(folder)
+    base = public_base_name(module.hparams.pretrained)
+    arch = "LlamaForCausalLM, Llama-style split names" if layout == "split" else "Phi3ForCausalLM"
+    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags: [lora, merged, phi3lit]", "---", ""]
+    lines += [
+        f"# {base} with a LoRA fine-tune merged in",
+        "",
+        "Trained with phi3lit and written by `phi3lit export --merge`: a full model whose weights are the base's "
+        "plus the trained LoRA update (W + scale * B A), so it needs no peft and no adapter.",
+        "",
+        *_training_rows(checkpoint, module),
+        f"| architecture | {arch} |",
+        f"| dtype | {dtype} |",
+        *_end_rows(checkpoint, report),
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        "model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)",
+        "tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)  # the base's own tokenizer files",
+        "```",
+        "",
+        "or `python -m phi3lit chat --model MODEL_DIR`, or `--model.pretrained MODEL_DIR` for `predict` and `fit`.",
         "",
     ]
     (folder / "README.md").write_text("\n".join(lines))

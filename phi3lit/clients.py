@@ -2,17 +2,21 @@
 
 One contract: the written adapter means the same thing in stock peft, vLLM and llama.cpp. They disagree on
 scales. peft scales each module by its own alpha / r (rank_pattern, alpha_pattern) or alpha / sqrt(r)
-(rsLoRA); llama.cpp's converter keeps only the global `lora_alpha` and its runtime uses alpha / (that tensor's
-rank); vLLM uses one global alpha / r (or alpha / sqrt(r)) for every module and ignores both patterns. A
-phi3lit slice target ([q, v]) is a rank r*k module with alpha*k, so a raw adapter is exact in peft only. The
-export therefore rewrites it into the one form all three rules agree on: every module padded with zero rows of
-A / columns of B to one rank R (exact: zero rank components add nothing), each module's true scale folded into
-its B so that alpha' / R is the scale everywhere, and no rank_pattern, alpha_pattern or rsLoRA left. Every
-module is then checked against the training module under each client's rule, and the export fails if one is
-not exact.
+(rsLoRA); vLLM 0.34 does the same per module (`PEFTHelper.get_rank_and_scaling`, read in its source), while
+earlier vLLM releases used one global alpha / r for every module; llama.cpp's converter keeps only the global
+`lora_alpha` and its runtime uses alpha / (that tensor's rank). A phi3lit slice target ([q, v]) is a rank r*k
+module with alpha*k, so a raw adapter is exact in peft and vLLM 0.34 only. The export therefore rewrites it into
+the one form all these rules agree on: every module padded with zero rows of A / columns of B to one rank R
+(exact: zero rank components add nothing), each module's true scale folded into its B so that alpha' / R is the
+scale everywhere, and no rank_pattern, alpha_pattern or rsLoRA left. vLLM's GPU memory does not grow with the
+padding (every LoRA slot is --max-lora-rank wide, and the largest rank is the same). Every module is then
+checked against the training module under each rule, and the export fails if one is not exact.
 
-`preflight_adapter` / `preflight_merged` say, per client, whether it takes a written folder as it is, and why not.
-"""
+`bias`: vLLM rejects any adapter whose config says `"bias" != "none"`. peft's `bias` only says which base biases
+train and are saved; Phi-3 has none (every Linear is bias=False), so an adapter holding no bias tensor is
+written with `"none"`, which is exact; one that holds bias tensors keeps its setting and vLLM is refused.
+
+`preflight_adapter` / `preflight_merged` say, per client, whether it takes a written folder as it is, and why not."""
 
 from __future__ import annotations
 
@@ -56,14 +60,21 @@ def write_adapter(peft_model, folder: Path, pretrained: str, dtype, layout: str 
         # PiSSA/OLoRA adapters stay as peft wrote them: peft redoes their init on the base at load time, from
         # r and alpha, so changing those would change the base it rebuilds. Only peft can load them anyway.
         tensors, cfg = portable(tensors, cfg, {p: s for p, (s, _, _) in reference.items()})
+    if cfg.get("bias", "none") != "none" and not bias_tensors(tensors):
+        cfg["bias"] = "none"  # exact: no base bias trained or saved (Phi-3 has none); vLLM rejects any other value
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     bad = verify(load_file(folder / "adapter_model.safetensors"), cfg, reference, dtype)
-    wrong = {m: rules for m, rules in bad.items() if {"peft", "llama.cpp"} & set(rules)}
+    wrong = bad  # every rule (peft, vLLM old and new, llama.cpp) must reproduce every module
     if wrong and cfg.get("init_lora_weights") not in ("pissa", "olora"):
         raise ExportMismatch(f"the written adapter is not exact for {len(wrong)} modules: {_first(wrong)}")
     copy_tokenizer_files(pretrained, folder)
+
+
+def bias_tensors(tensors: dict) -> list[str]:
+    """The keys of a peft state dict that hold base-layer biases (saved when `bias` is all or lora_only)."""
+    return [k for k in tensors if k.rsplit(".", 1)[-1] == "bias"]
 
 
 def lora_pairs(tensors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -113,11 +124,14 @@ def client_scales(cfg: dict, prefix: str, rank: int) -> dict[str, float]:
     """The scale each client applies to module `prefix` whose tensors have rank `rank`.
 
     llama.cpp: `convert_lora_to_gguf.py` keeps only `lora_alpha`; `llama_adapter_lora_weight::get_scale` uses
-    alpha / (rank of that tensor). vLLM: `PEFTHelper` computes one alpha / r (alpha / sqrt(r) with rsLoRA) from
-    the global r for all modules and ignores rank_pattern and alpha_pattern.
+    alpha / (rank of that tensor). vLLM 0.34: `PEFTHelper.get_rank_and_scaling` matches rank_pattern and
+    alpha_pattern per module with peft's own rule (a key matches a "."-bounded suffix of the module name, first
+    match wins) and uses alpha / r or alpha / sqrt(r): peft's scale. "vllm-global": earlier vLLM releases, one
+    alpha / r from the global r for every module, patterns ignored (the export is exact there too).
     """
     root = math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"]
-    return {"peft": peft_scale(cfg, prefix), "llama.cpp": cfg["lora_alpha"] / rank, "vllm": cfg["lora_alpha"] / root}
+    peft = peft_scale(cfg, prefix)
+    return {"peft": peft, "llama.cpp": cfg["lora_alpha"] / rank, "vllm": peft, "vllm-global": cfg["lora_alpha"] / root}
 
 
 def portable(tensors: dict, cfg: dict, scales: dict[str, float]) -> tuple[dict, dict]:
@@ -160,14 +174,14 @@ def verify(tensors: dict, cfg: dict, reference: dict, dtype=torch.float32) -> di
     bad: dict[str, list[str]] = {}
     for prefix in set(reference) | set(pairs):
         if prefix not in pairs or prefix not in reference:
-            bad[prefix] = list(CLIENTS)  # a module lost or invented: wrong everywhere
+            bad[prefix] = [*CLIENTS, "vllm-global"]  # a module lost or invented: wrong everywhere
             continue
         scale, a_ref, b_ref = reference[prefix]
         a, b = (t.float() for t in pairs[prefix])
         r = a_ref.shape[0]
         shape_ok = a.shape[0] >= r and a.shape[1:] == a_ref.shape[1:] and b.shape[0] == b_ref.shape[0]
         if not shape_ok or a[r:].any() or b[:, r:].any() or not _close(a[:r], a_ref, tol):
-            bad[prefix] = list(CLIENTS)
+            bad[prefix] = [*CLIENTS, "vllm-global"]
             continue
         for client, s in client_scales(cfg, prefix, a.shape[0]).items():
             if not _close(s * b[:, :r], scale * b_ref, tol):
@@ -193,7 +207,7 @@ def preflight_adapter(folder: Path, layout: str = "fused") -> dict[str, tuple[bo
     pairs = lora_pairs(tensors)
     ranks = {a.shape[0] for a, _ in pairs.values()}
     # Clients that use other scale rules than peft's: which modules would they scale differently?
-    off = {c: [] for c in ("vllm", "llama.cpp")}
+    off = {c: [] for c in ("vllm", "vllm-global", "llama.cpp")}
     for prefix, (a, _) in pairs.items():
         scales = client_scales(cfg, prefix, a.shape[0])
         for c in off:
@@ -206,22 +220,31 @@ def preflight_adapter(folder: Path, layout: str = "fused") -> dict[str, tuple[bo
         blockers.append("DoRA")
     if cfg.get("init_lora_weights") in ("pissa", "olora"):
         blockers.append(f"{cfg['init_lora_weights']} init (the adapter belongs to a rewritten base)")
+    vllm_blockers, vllm_fix = list(blockers), "export with --merge"
+    if cfg.get("bias", "none") != "none":
+        held = bias_tensors(tensors)
+        vllm_blockers.append(f"bias {cfg['bias']!r} ({len(held)} bias tensors)" if held else f"bias {cfg['bias']!r}")
+        if not held and not blockers:  # nothing to drop: the export writes "none", which is exact
+            vllm_fix = "the adapter holds no bias tensor, so `phi3lit export` writes bias 'none' (exact)"
     report = {}
     if layout == "split":
-        report["peft"] = (True, "on the split base in base/ (named by base_model_name_or_path); on a stock Phi-3 "
-                          "base peft would silently skip q/k/v/gate/up")  # fmt: skip
+        report["peft"] = (True, "on the split base in base/ (base_model_name_or_path ./base: relative to the "
+                          "adapter folder); on a stock Phi-3 base peft would silently skip q/k/v/gate/up")  # fmt: skip
     elif cfg.get("init_lora_weights") in ("pissa", "olora"):
         report["peft"] = (True, f"peft redoes the {cfg['init_lora_weights']} init on the base while loading (slow)")
     else:
         report["peft"] = (True, "PeftModel.from_pretrained on the stock base")
     for client in ("vllm", "llama.cpp"):
-        if blockers:
-            report[client] = (False, f"{client} rejects {', '.join(blockers)}; export with --merge")
+        refused = vllm_blockers if client == "vllm" else blockers
+        if refused:
+            fix = vllm_fix if client == "vllm" else "export with --merge"
+            report[client] = (False, f"{client} rejects {', '.join(refused)}; {fix}")
         elif off[client]:
             report[client] = (False, f"{client} would scale {len(off[client])} modules wrongly (e.g. "
                               f"{sorted(off[client])[0]}); write it with `phi3lit export`")  # fmt: skip
         elif client == "vllm":
-            need = max(ranks) if ranks else cfg["r"]
+            # vLLM checks max(r, rank_pattern values) against --max-lora-rank, whatever the tensors hold.
+            need = max([*ranks, cfg["r"], *(cfg.get("rank_pattern") or {}).values()])
             if need > VLLM_DEFAULT_MAX_LORA_RANK:
                 flag = next((v for v in VLLM_RANKS if v >= need), need)
                 report[client] = (
@@ -230,6 +253,9 @@ def preflight_adapter(folder: Path, layout: str = "fused") -> dict[str, tuple[bo
                 )
             else:
                 report[client] = (True, "vllm serve BASE --enable-lora --lora-modules name=DIR")
+            if off["vllm-global"]:
+                report[client] = (True, report[client][1] + "; vLLM 0.34 applies its rank/alpha patterns per module "
+                                  "(older vLLM does not: use `phi3lit export` for those)")  # fmt: skip
         else:
             report[client] = (True, "convert_lora_to_gguf.py --base BASE_DIR DIR, then llama-cli --lora")
         if layout == "split" and report[client][0]:

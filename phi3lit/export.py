@@ -9,10 +9,12 @@ the tensors and the split layout in `adapter_files.py`.
 
 * fused: stock `Phi3ForCausalLM` names (`qkv_proj`, `gate_up_proj`).
 * split: the same adapter for the Llama layout (`q_proj`, ... `up_proj`), written together with the matching
-  split base in `DIR/base` (a `LlamaForCausalLM` with the same weights) that `base_model_name_or_path` names:
-  on a stock Phi-3 base, peft would silently skip the q/k/v/gate/up tensors.
+  split base in `DIR/base` (a `LlamaForCausalLM` with the same weights) that `base_model_name_or_path` names
+  as `./base`, relative to the adapter folder, so the folder can be moved: on a stock Phi-3 base, peft would
+  silently skip the q/k/v/gate/up tensors.
 * merge: W + scale * B A folded into the weights, saved with `save_pretrained` (safetensors): a model folder
-  that `AutoModelForCausalLM.from_pretrained`, vLLM and llama.cpp's `convert_hf_to_gguf.py` load.
+  that `AutoModelForCausalLM.from_pretrained`, vLLM and llama.cpp's `convert_hf_to_gguf.py` load, with its
+  own model card.
 
 Every export carries the base's own tokenizer files byte for byte (llama.cpp's converter needs Phi-3's
 sentencepiece `tokenizer.model`, which `save_pretrained` in transformers 5 no longer writes), a model card,
@@ -30,6 +32,7 @@ from typing import Literal
 import torch
 
 from phi3lit.adapter_files import (
+    SPLIT_BASE,
     TOKENIZER_FILES,
     copy_tokenizer_files,
     fix_permissions,
@@ -38,6 +41,7 @@ from phi3lit.adapter_files import (
     set_base_name,
     split_base,
     write_card,
+    write_merged_card,
 )
 from phi3lit.checkpoint import read_checkpoint
 from phi3lit.clients import CLIENTS, format_report, preflight_adapter, preflight_merged, refuse_if, write_adapter
@@ -104,8 +108,12 @@ def export(
                 base = peft_model.unload()  # the base weights without LoRA; the adapter is already written
                 split_base(base).to(DTYPES[dtype]).save_pretrained(stage / "base", safe_serialization=True)
                 copy_tokenizer_files(pretrained, stage / "base")
-                set_base_name(stage, str((out_dir / "base").resolve()))
+                # Relative, so the folder can be moved: phi3lit resolves "./" names against the adapter folder;
+                # peft and transformers pass the name to from_pretrained as is (relative to the working directory).
+                set_base_name(stage, SPLIT_BASE)
             write_card(stage, checkpoint, module, report, layout=layout)
+        else:
+            write_merged_card(stage, checkpoint, module, report, layout=layout, dtype=dtype)
         publish(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
