@@ -57,7 +57,8 @@ class SaveAdapter(L.Callback):
         # adapter (or none), never a folder with a 0-byte file in it.
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
+            tmp.mkdir()  # made here, so never a link planted at the name: the adapter is written where it says
             pl_module.model.save_pretrained(tmp)
             # The base's own tokenizer files, its public name, a model card saying which clients take it, 0644 files.
             datamodule = trainer.datamodule
@@ -70,11 +71,11 @@ class SaveAdapter(L.Callback):
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
                 out.rename(old)
                 tmp.rename(out)
-                shutil.rmtree(old)
+                _remove(old)  # a link the user put at `out` is removed as a link, its target left alone
             else:
                 tmp.rename(out)
         except (OSError, SafetensorError) as e:  # safetensors reports a full disk in its own error type
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp, ignore_errors=True)
             ckpt = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir
             why = getattr(e, "strerror", None) or e
             last = Path(ckpt) / "last.ckpt"  # quoted: the command is for copying into a shell
@@ -85,6 +86,18 @@ class SaveAdapter(L.Callback):
             ) from None
         rank_zero_info(f"[phi3lit] adapter saved to {out} (load with peft.PeftModel.from_pretrained(base, path))")
         rank_zero_info(format_report(report, out))  # which clients take it as it is, and when to `export` first
+
+
+def _remove(path: Path, ignore_errors: bool = False) -> None:
+    """Remove a folder phi3lit made, or a link (never what it points to)."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+    except OSError:
+        if not ignore_errors:
+            raise
 
 
 class PredictionWriter(BasePredictionWriter):

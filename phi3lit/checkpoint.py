@@ -158,23 +158,25 @@ def newest_intact(folder: Path, besides: Path | None = None) -> Path | None:
     return None
 
 
-def remove_stale_temps(folder: Path) -> list[str]:
-    """Remove `<name>.tmp-<pid>` files and `.<name>.tmp-<pid>` folders phi3lit left in `folder` when a process was
-    killed mid-write: only those names, only when that pid is not running, never through a link."""
+def remove_stale_temps(checkpoints: Path, adapter: Path) -> list[str]:
+    """Remove what phi3lit's own writers left when their process was killed mid-write, and nothing else: files
+    `<name>.ckpt.tmp-<pid>` in `checkpoints` (atomic_torch_save) and folders `.adapter.tmp-<pid>` and
+    `.adapter.old-<pid>` beside the `adapter` folder (SaveAdapter's swap), only when that pid is not running, never
+    through a link."""
+    wanted = [
+        (checkpoints, re.compile(r"[\w.=-]+\.ckpt\.tmp-(\d+)"), Path.is_file),
+        (adapter.parent, re.compile(rf"\.{re.escape(adapter.name)}\.(?:tmp|old)-(\d+)"), Path.is_dir),
+    ]
     removed = []
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
-        m = re.fullmatch(r"(?:[\w.=-]+\.ckpt|\.[\w.-]+)\.(?:tmp|old)-(\d+)", p.name)
-        if m is None or p.is_symlink() or _alive(int(m.group(1))):
+    for folder, names, kind in wanted:
+        if not folder.is_dir() or folder.is_symlink():
             continue
-        if p.is_file():
-            p.unlink()
-        elif p.is_dir() and p.name.startswith("."):
-            shutil.rmtree(p)
-        else:
-            continue
-        removed.append(p.name)
+        for p in folder.iterdir():
+            m = names.fullmatch(p.name)
+            if m is None or p.is_symlink() or not kind(p) or _alive(int(m.group(1))):
+                continue
+            shutil.rmtree(p) if kind is Path.is_dir else p.unlink()
+            removed.append(p.name)
     return removed
 
 

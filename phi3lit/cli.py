@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.allocator import keep_freed_memory
 from phi3lit.callbacks import PredictionWriter, SampleReplies, SaveAdapter
-from phi3lit.checkpoint import newest_intact, read_checkpoint, remove_stale_temps
+from phi3lit.checkpoint import checkpoints_newest_first, newest_intact, read_checkpoint, remove_stale_temps
 from phi3lit.checks import check_devices, check_strategy, check_values
 from phi3lit.errors import CheckpointError
 from phi3lit.monitor import TrainMonitor
@@ -51,6 +51,9 @@ class RunConfig(SaveConfigCallback):
                 refuse_link(root / f"config-resume-{n}.yaml", "a config")
                 self.parser.save(self.config, root / f"config-resume-{n}.yaml", skip_none=False, overwrite=True)
             return
+        if self.save_to_log_dir and not self.already_saved:  # Lightning's own copy, tb/config.yaml
+            log_dir = trainer.log_dir  # asked on every rank: it broadcasts; the check holds on each rank alike
+            refuse_link(Path(log_dir) / self.config_filename, "a config")
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero:
             root.mkdir(parents=True, exist_ok=True)
@@ -147,16 +150,24 @@ class Phi3LitCLI(LightningCLI):
             if not path.is_file():
                 # A kill between a step=N.ckpt write and the last.ckpt write leaves only the former: resume from
                 # the newest intact one. None at all: a requeued job's first start, or a kill before any save.
+                steps = checkpoints_newest_first(folder)
                 path = newest_intact(folder)
+                if path is None and steps:  # starting over would overwrite them: the user decides what to keep
+                    raise CheckpointError(
+                        f"--ckpt_path last: {folder} has no last.ckpt and none of its {len(steps)} step checkpoints "
+                        f"({', '.join(p.name for p in steps[:3])}{' ...' if len(steps) > 3 else ''}) is intact. "
+                        "Move that folder away to start over, or resume from a copy you trust with --ckpt_path FILE"
+                    )
                 if path is None:
                     rank_zero_info(
                         f"[phi3lit] --ckpt_path last: no {folder / 'last.ckpt'} yet; starting from the beginning"
                     )
                     self.config_init.fit.ckpt_path = None
                     return
+                skipped = ", ".join(p.name for p in steps[: steps.index(path)])  # newer ones that failed their check
                 rank_zero_info(
                     f"[phi3lit] --ckpt_path last: no last.ckpt in {folder}; resuming from {path.name}, the newest "
-                    "intact checkpoint there"
+                    f"intact checkpoint there{f' (skipped as damaged: {skipped})' if skipped else ''}"
                 )
             self.config_init.fit.ckpt_path = str(path)  # never another run's last-vN.ckpt
         for cb in self.trainer.callbacks:
@@ -187,6 +198,8 @@ class Phi3LitCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_values(config)
+        if "weights_only" in config:  # AtomicCheckpointIO loads so whatever it is told; FSDP/DeepSpeed's IO is told
+            config.weights_only = True
         check_strategy(config)  # config errors first: they hold on any machine
         check_devices(config)
         if config.allocator == "keep":  # before the model's weights are allocated
@@ -201,7 +214,7 @@ class Phi3LitCLI(LightningCLI):
             lock_run_folder(root, before)
             check_not_mixing(root, resuming=bool(config.ckpt_path))
             # What killed fits left mid-write (`last.ckpt.tmp-<pid>`, `.adapter.tmp-<pid>/`): never read, in the way.
-            stale = remove_stale_temps(root / "checkpoints") + remove_stale_temps(root)
+            stale = remove_stale_temps(root / "checkpoints", root / config.adapter.dirname)
             if stale:
                 rank_zero_info(f"[phi3lit] removed what killed runs left mid-write: {', '.join(stale)}")
             if config.trainer.fast_dev_run:  # a check: Lightning's ModelCheckpoint would still write last.ckpt
