@@ -6,17 +6,20 @@ This module runs the points and writes the summary (`phi3lit.sweep_summary`).
 Every point runs `python -m phi3lit fit` in its own process (the same path as a normal run) with its own run
 folder `<root>/<sweep>/<point name>/`, so TensorBoard shows the whole sweep side by side (HPARAMS included).
 `status.json` in each folder makes the sweep resumable: finished points are skipped, an interrupted point
-resumes from its `last.ckpt`, and a failed point is recorded with its error while the sweep goes on. Each
-finished point prints one greppable result line. `--list` / `--index I` let a scheduler (e.g. a SLURM array) run
-one point per job; `--dry-run` prints each point's `python -m phi3lit fit ...` command. `summary.csv`,
-`summary_stats.csv`, `summary.md` and `summary.png` collect the results (with `seeds:`, mean, std and a 95%
-Student-t interval per grid point, compared at equal tokens seen: `phi3lit.stats`). Exit status: 0 when every
+resumes from its newest checkpoint (`--ckpt_path last` whenever its checkpoints/ holds any `*.ckpt`), and a
+failed point is recorded with its error while the sweep goes on. Each finished point prints one greppable result
+line. `--list` / `--index I` let a scheduler (e.g. a SLURM array) run one point per job; `--dry-run` prints each
+point's `python -m phi3lit fit ...` command. `summary.csv`, `summary_stats.csv`, `summary.md` and `summary.png`
+collect the results (with `seeds:`, mean, std and a 95% Student-t interval per grid point, compared at equal
+tokens seen: `phi3lit.stats`). Exit status: 0 when every
 selected point is done, 1 when one failed (after the others ran and the summary was written), 2 for a bad sweep
 file or option (a one-line ConfigError).
 
 Several workers may run one sweep (overlapping SLURM array tasks, a rerun while a point runs): each point is
 taken under an flock on `<point>/.ablate.lock`, and a worker that finds a point taken skips it, saying so. The
-kernel drops an flock when its holder dies, so a killed worker leaves nothing to clean up.
+kernel drops an flock when its holder dies, so a killed worker leaves nothing to clean up. The files ablate
+writes in a point's folder (`.ablate.lock`, `status.json`, `fit.log`) are opened without following symlinks: a
+planted one is refused in one line, its target untouched.
 """
 
 from __future__ import annotations
@@ -31,7 +34,17 @@ import time
 from pathlib import Path
 
 from phi3lit.errors import ConfigError
-from phi3lit.sweep import dry_run, fit_args, load_sweep, point_dir, points, read_status, write_status
+from phi3lit.sweep import (
+    dry_run,
+    fit_args,
+    has_checkpoint,
+    load_sweep,
+    open_nofollow,
+    point_dir,
+    points,
+    read_status,
+    write_status,
+)
 from phi3lit.sweep_summary import summarize, summarize_point
 
 EXIT_FAILED_POINTS = 1  # some point failed; config errors exit 2 (the CLI's handler), as they do for fit
@@ -47,7 +60,8 @@ def take_point(folder: Path):
     worker that started it is gone. A fit started by hand in the folder holds `.phi3lit.lock`; that counts too.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / LOCK_NAME, "a+")  # noqa: SIM115 (kept open: closing it releases the lock)
+    fd = open_nofollow(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, "the point's lock")
+    f = os.fdopen(fd, "r+")  # kept open: closing it releases the lock
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -68,10 +82,11 @@ def take_point(folder: Path):
 
 def fit_lock_holder(folder: Path) -> str:
     """Who holds fit's own run-folder lock (phi3lit.runfolder), or "" when nobody does."""
-    path = folder / ".phi3lit.lock"
-    if not path.exists():
+    try:  # read-only and not through a symlink: the probe creates, truncates and writes nothing
+        fd = open_nofollow(folder / ".phi3lit.lock", os.O_RDONLY, "fit's run-folder lock")
+    except FileNotFoundError:
         return ""
-    with open(path, "a+") as f:
+    with os.fdopen(fd) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -84,9 +99,11 @@ def fit_lock_holder(folder: Path) -> str:
 def point_state(folder: Path) -> str:
     """pending, running (its lock is held now), interrupted (marked running, nobody holds it), stopped, ok, failed."""
     state = read_status(folder).get("status", "pending")
-    if not (folder / LOCK_NAME).exists():
+    try:
+        fd = open_nofollow(folder / LOCK_NAME, os.O_RDONLY, "the point's lock")
+    except FileNotFoundError:
         return "interrupted" if state == "running" else state
-    with open(folder / LOCK_NAME, "a+") as f:
+    with os.fdopen(fd) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -111,13 +128,14 @@ def run_point(sweep: dict, point: dict, progress: str = "") -> str:
         if status.get("status") == "ok":
             print(f"{label}: done, skipped", flush=True)
             return "skipped"
-        resume = (folder / "checkpoints" / "last.ckpt").exists()
+        resume = has_checkpoint(folder)  # last.ckpt, or only a step=N.ckpt when killed between the two writes
         print(f"{label}: {'resuming' if resume else 'starting'}", flush=True)
         start = time.time()
         spent = status.get("wall_s", 0.0)
         write_status(folder, status="running", wall_s=spent)
         cmd = [sys.executable, "-m", "phi3lit", *fit_args(sweep, point, resume)]
-        with open(folder / "fit.log", "a") as log:
+        fd = open_nofollow(folder / "fit.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, "the point's fit log")
+        with os.fdopen(fd, "a") as log:
             offset = log.tell()
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, pass_fds=(lock.fileno(),))
         wall = spent + time.time() - start
@@ -126,12 +144,13 @@ def run_point(sweep: dict, point: dict, progress: str = "") -> str:
             stopped = b"[phi3lit] fit stopped:" in log.read()  # a signal (preemption, Ctrl-C): saved, exit 0
         if proc.returncode == 0 and stopped:
             write_status(folder, status="stopped", wall_s=wall)
-            print(f"{label}: stopped by a signal before its last step; a rerun resumes it from last.ckpt", flush=True)
+            print(f"{label}: stopped by a signal before its last step; a rerun resumes it", flush=True)
             return "stopped"
         if proc.returncode == 0:
             write_status(folder, status="ok", wall_s=wall)
         else:
-            tail = (folder / "fit.log").read_text().strip().splitlines()[-5:]
+            with open(folder / "fit.log", "rb") as log:  # the file just written through fd (no symlink)
+                tail = log.read().decode(errors="replace").strip().splitlines()[-5:]
             write_status(folder, status="failed", wall_s=wall, returncode=proc.returncode, error="\n".join(tail))
     row = summarize_point(sweep, point)
     print(result_line(label, row, proc.returncode, folder), flush=True)  # progress in logs

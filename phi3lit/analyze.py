@@ -35,7 +35,16 @@ from phi3lit.analysis_figures import (
     spectrum_figure,
     tensorboard_images,
 )
-from phi3lit.deltas import BaseWeights, Update, load_updates, subspace_similarity, update_metrics
+from phi3lit.deltas import (
+    BaseWeights,
+    Update,
+    check_scales,
+    damaged,
+    first_line,
+    load_updates,
+    subspace_similarity,
+    update_metrics,
+)
 from phi3lit.errors import ConfigError
 from phi3lit.stats import seed_stats, stat_cell
 from phi3lit.sweep import dotted, run_config
@@ -89,22 +98,36 @@ def load_run(folder: Path, base: str | None, bases: dict, out: Path | None = Non
     """A run (or bare adapter) folder's updates with their metrics; `bases` caches BaseWeights by model name."""
     adapter = find_adapter(folder)
     run_folder = adapter.parent if adapter == folder and (folder.parent / "config.yaml").is_file() else folder
-    config = run_config(run_folder)
+    config = run_config(run_folder, strict=True)
     cfg = read_adapter_config(str(adapter), "analyze:")
+    check_scales(cfg, adapter / "adapter_config.json")
     name = base or cfg.get("base_model_name_or_path") or ""
     if name not in bases:
         bases[name] = BaseWeights(cfg.get("base_model_name_or_path") or "", base)
     weights = bases[name]
     targets = dotted(config, "model.lora.targets")
     targets = [targets] if isinstance(targets, str) else targets
-    updates, _ = load_updates(adapter, targets, weights.model_config(), adapter_config=cfg)
+    tensors = adapter / "adapter_model.safetensors"
+    try:
+        updates, _ = load_updates(adapter, targets, weights.model_config(), adapter_config=cfg)
+    except damaged() as e:
+        raise ConfigError(
+            f"analyze: {tensors}: cannot read the adapter's tensors ({first_line(e)}); re-export it from its run's "
+            "checkpoint (phi3lit export) or move it away"
+        ) from None
     if not updates:
         raise ConfigError(f"analyze: {adapter}: the adapter holds no LoRA A/B tensors")
     for i, u in enumerate(updates):
         w = weights.get(u.weight_key)
         if w is not None and u.rows is not None:
             w = w[u.rows[0] : u.rows[1]]
-        u.metrics = update_metrics(u.b, u.a, u.scale, w, seed=i)
+        try:
+            u.metrics = update_metrics(u.b, u.a, u.scale, w, seed=i)
+        except damaged() as e:  # A and B that do not multiply, or an update that does not fit its base weight
+            raise ConfigError(
+                f"analyze: {tensors}: the update of {u.weight_key} does not fit its LoRA pair or the base weight "
+                f"({first_line(e)}); is the adapter damaged, or for another base (--base)?"
+            ) from None
     return Run(run_folder, adapter, out or run_folder / "analysis", config, updates, cfg)
 
 

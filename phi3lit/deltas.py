@@ -195,6 +195,30 @@ class Update:
         return (-1 if self.layer is None else self.layer, self.kind)
 
 
+def damaged() -> tuple[type[Exception], ...]:
+    """What a damaged adapter file raises while its tensors are read and used (truncated, garbage, odd shapes)."""
+    from safetensors import SafetensorError
+
+    return (SafetensorError, RuntimeError, ValueError, TypeError, KeyError, IndexError, ZeroDivisionError)
+
+
+def first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def check_scales(cfg: dict, path: Path) -> None:
+    """r and lora_alpha (and their per-module patterns) must be positive numbers: the update scale comes from them."""
+    values = {"r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha")}
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ConfigError(f"analyze: {path}: {key} must map module names to numbers, got {pattern!r}")
+        values |= {f"{key}[{k!r}]": v for k, v in pattern.items()}
+    for key, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            raise ConfigError(f"analyze: {path}: {key} must be a positive number, got {v!r}; is the adapter damaged?")
+
+
 def load_updates(
     adapter_dir: Path, targets: list[str] | None = None, model_config=None, adapter_config: dict | None = None
 ) -> tuple[list[Update], dict]:

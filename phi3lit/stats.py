@@ -7,8 +7,9 @@ smaller than the seed spread (the larger of the two standard deviations) is mark
 its seeds do not tell it apart from the best.
 
 Runs that trained on different numbers of tokens are compared at equal tokens seen (`at_equal_tokens`): the
-budget is the smallest final tokens-seen among them, and each run gives its value at its last evaluation at or
-before that budget. Pure Python: no torch, no numpy, no scipy.
+budget T is the smallest final tokens-seen among them (the most every run reached); a run that evaluated at T
+gives that measured value, any other its value linearly interpolated in tokens between the two evaluations that
+bracket T, and the token counts used are returned with it. Pure Python: no torch, no numpy, no scipy.
 """
 
 from __future__ import annotations
@@ -57,18 +58,31 @@ def seed_stats(values: list[float]) -> dict:
     return {"n": n, "mean": mean, "std": std, "lo": mean - half, "hi": mean + half}
 
 
-def at_equal_tokens(curves: dict[str, list[tuple[float, float]]]) -> tuple[float | None, dict[str, float | None]]:
-    """Compare runs at equal tokens seen: T is the smallest final tokens-seen of the curves, and each curve gives
-    its value at its last evaluation at or before T (None if it has none). Curves are (tokens, value), sorted."""
+def at_equal_tokens(curves: dict[str, list[tuple[float, float]]]) -> tuple[float | None, dict, dict]:
+    """Compare runs at equal tokens seen: (T, {run: value at T}, {run: (t0, t1)}).
+
+    T is the largest token count every curve reached (the smallest final tokens-seen). A curve that evaluated at
+    T gives that value, measured (t0 = t1 = T). Otherwise its value is linearly interpolated in tokens between its
+    last evaluation before T (t0) and its first after (t1): an estimate, and (t0, t1) says so. A curve with no
+    evaluation before T gives None (and (None, None)). Curves are (tokens, value); a token count logged twice (a
+    resumed run validating the same step again) counts once, with its last value."""
+    curves = {k: sorted(dict(c).items()) for k, c in curves.items()}  # dict(): the last value per token count
     finals = [c[-1][0] for c in curves.values() if c]
     if not finals:
-        return None, {k: None for k in curves}
+        return None, {k: None for k in curves}, {k: (None, None) for k in curves}
     budget = min(finals)
-    out = {}
+    values, where = {}, {}
     for k, c in curves.items():
-        before = [v for t, v in c if t <= budget]
-        out[k] = before[-1] if before else None
-    return budget, out
+        before = [(t, v) for t, v in c if t <= budget]
+        after = [(t, v) for t, v in c if t > budget]
+        if not before:
+            values[k], where[k] = None, (None, None)
+        elif before[-1][0] == budget or not after:
+            values[k], where[k] = before[-1][1], (before[-1][0], before[-1][0])
+        else:
+            (t0, v0), (t1, v1) = before[-1], after[0]
+            values[k], where[k] = v0 + (v1 - v0) * (budget - t0) / (t1 - t0), (t0, t1)
+    return budget, values, where
 
 
 def stats_rows(keys: list[str], rows: list[dict]) -> list[dict]:

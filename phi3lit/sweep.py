@@ -11,7 +11,10 @@ A sweep file names a base config, a grid of CLI overrides, optional fixed overri
 
 `load_sweep` checks it (anything wrong is a one-line ConfigError naming the file) and `points` expands it into
 grid x seeds, in a stable order. A point is named after its grid values by the last part of each key
-(`r=8__targets=q+v__seed=1`); that name is its run folder `<root>/<sweep>/<point name>/`, and its command is
+(`r=8__targets=q+v__seed=1`); that name is its run folder `<root>/<sweep>/<point name>/`. Sweep and value names
+become safe folder names (`safe_name`: no separators, no `..`, no leading dot, bounded; a short hash of the raw
+value when anything changed, so distinct values keep distinct folders). A `data.batch_size` sweep gives every
+point one `data.val_batch_size` (`common_val_batch`), so all score the same validation rows. Its command is
 `python -m phi3lit fit --config <base> --trainer.default_root_dir <folder> --<key> <value> ...` (`fit_args`;
 `dry_run` prints it as a user would type it). The folder holds what fit and ablate leave there: the resolved
 `config.yaml` (`run_config`) and ablate's `status.json` (`read_status` / `write_status`).
@@ -24,19 +27,23 @@ is what then multiplies B A.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import itertools
 import json
 import math
+import os
 import re
 import shlex
 from pathlib import Path
 
 import yaml
 
-from phi3lit.errors import ConfigError
+from phi3lit.errors import ConfigError, EnvironmentProblem
 from phi3lit.stats import number
 
 ALPHA_KEY, RSLORA_KEY, RANK_KEY = "model.lora.alpha", "model.lora.use_rslora", "model.lora.r"
+BATCH_KEY, VAL_BATCH_KEY = "data.batch_size", "data.val_batch_size"
 LORA_DEFAULTS = {RANK_KEY: 16, ALPHA_KEY: 32.0, RSLORA_KEY: False}  # phi3lit.lora.LoraSpec's defaults
 SWEEP_KEYS = {"base", "grid", "fixed", "seeds", "name", "root"}
 
@@ -98,7 +105,7 @@ def load_sweep(path: str | Path) -> dict:
         raise ConfigError(f"{path}: seeds: must be a non-empty list, e.g. [0, 1], got {seeds!r}")
     sweep["fixed"] = fixed
     sweep["seeds"] = seeds or [None]
-    sweep["name"] = str(sweep.get("name") or path.stem)
+    sweep["name"] = safe_name(str(sweep.get("name") or path.stem))  # `name: ../../x` stays under the root
     sweep["root"] = str(sweep.get("root") or "runs/sweeps")
     names = [p["name"] for p in points(sweep)]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -187,16 +194,48 @@ def effective_scale(r, alpha, rslora) -> float | None:
 def points(sweep: dict) -> list[dict]:
     """Grid x seeds, in a stable order: [{"name", "overrides", "values", "seed"}]."""
     keys = list(sweep["grid"])
+    val_batch = common_val_batch(sweep)
     out = []
     for combo in itertools.product(*(sweep["grid"][k] for k in keys)):
         for seed in sweep["seeds"]:
             values = dict(zip(keys, combo, strict=True))
-            name = "__".join(f"{short(k)}={readable(v, k)}" for k, v in values.items())
+            name = "__".join(f"{safe_name(short(k))}={safe_name(readable(v, k))}" for k, v in values.items())
             if seed is not None:
-                name += f"__seed={seed}"
+                name += f"__seed={safe_name(str(seed))}"
             overrides = apply_alpha_rule(sweep, {**sweep["fixed"], **values})
+            if val_batch is not None:
+                overrides[VAL_BATCH_KEY] = val_batch
             out.append({"name": name, "values": values, "seed": seed, "overrides": overrides})
     return out
+
+
+NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=,@-]")  # what a folder name keeps as written; the rest becomes `_`
+NAME_LIMIT = 64  # characters kept of one value's name: a point's folder name stays far below 255 bytes
+
+
+def safe_name(raw: str) -> str:
+    """`raw` as one folder name: no separators, no `..`, no leading dot, at most NAME_LIMIT characters (+ a hash).
+
+    When anything had to change, a short hash of the raw text is appended, so two values that sanitise alike
+    (`a/b`, `a:b`) still get two folders; names that are already safe (`r=8`, `targets=q+v`) stay as they are."""
+    name = NAME_CHARS.sub("_", raw)
+    name = re.sub(r"\.{2,}", "_", name).lstrip(".") or "_"
+    if name == raw and len(name) <= NAME_LIMIT:
+        return name
+    return f"{name[:NAME_LIMIT]}-{hashlib.sha256(raw.encode()).hexdigest()[:8]}"
+
+
+def common_val_batch(sweep: dict) -> int | None:
+    """The validation batch size every point of a `data.batch_size` sweep gets: the grid's smallest batch size.
+
+    Validation rows are packed in a seeded order and scored in batches; `limit_val_batches: N` scores the first
+    N x batch rows. One validation batch size for every point makes every point score the same rows, batched the
+    same way (the smallest always fits: validation keeps no activations for backward). None when batch_size is
+    not swept or the sweep sets data.val_batch_size itself."""
+    sizes = [number(b) for b in sweep["grid"].get(BATCH_KEY, [])]
+    if len(set(sizes)) < 2 or None in sizes or VAL_BATCH_KEY in sweep["grid"] or VAL_BATCH_KEY in sweep["fixed"]:
+        return None
+    return int(min(sizes))
 
 
 def cli_value(value) -> str:
@@ -221,8 +260,8 @@ def dry_run(sweep: dict, point: dict, index: int) -> str:
     """`# index name (what a run would do)` and the exact fit command, as a user would type it."""
     folder = point_dir(sweep, point)
     state = read_status(folder).get("status", "pending")
-    resume = state != "ok" and (folder / "checkpoints" / "last.ckpt").exists()
-    note = "done, would be skipped" if state == "ok" else "would resume from last.ckpt" if resume else state
+    resume = state != "ok" and has_checkpoint(folder)
+    note = "done, would be skipped" if state == "ok" else "would resume from its newest checkpoint" if resume else state
     command = shlex.join(["python", "-m", "phi3lit", *fit_args(sweep, point, resume)])
     return f"# {index} {point['name']} ({note})\n{command}"
 
@@ -230,6 +269,26 @@ def dry_run(sweep: dict, point: dict, index: int) -> str:
 # ---------------------------------------------------------------------------- a point's folder
 def point_dir(sweep: dict, point: dict) -> Path:
     return Path(sweep["root"]) / sweep["name"] / point["name"]
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """Any `*.ckpt` in the point's checkpoints/: a kill between `step=N.ckpt` and `last.ckpt` leaves only the
+    former, and `fit --ckpt_path last` resumes from the newest intact one; a fresh start would be refused."""
+    ckpts = folder / "checkpoints"
+    return ckpts.is_dir() and any(ckpts.glob("*.ckpt"))
+
+
+def open_nofollow(path: Path, flags: int, what: str) -> int:
+    """os.open with O_NOFOLLOW: a symlink planted at a file ablate writes is refused in one line, never followed
+    (its target would be truncated or written)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise EnvironmentProblem(
+                f"{path}: is a symbolic link; ablate does not follow it ({what}). Remove it and rerun"
+            ) from None
+        raise
 
 
 def read_status(folder: Path) -> dict:
@@ -243,16 +302,30 @@ def read_status(folder: Path) -> dict:
 def write_status(folder: Path, **status) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "status.json.tmp"
-    tmp.write_text(json.dumps(status, indent=2))
-    tmp.replace(folder / "status.json")
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "the point's status, written beside")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(status, indent=2))
+    tmp.replace(folder / "status.json")  # rename replaces a symlink at status.json; it never writes through one
 
 
-def run_config(folder: Path) -> dict:
-    """The run's resolved config as fit wrote it (`<run>/config.yaml`), or {} before it ran (or unreadable)."""
+def run_config(folder: Path, strict: bool = False) -> dict:
+    """The run's resolved config as fit wrote it (`<run>/config.yaml`), or {} before it ran.
+
+    An unreadable one (not UTF-8, not YAML, not a mapping) is {} for a summary, which goes on with what it has;
+    `strict` makes it a one-line ConfigError naming the file, for commands that rely on it (analyze)."""
+    path = folder / "config.yaml"
     try:
-        return yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        cfg = yaml.safe_load(path.read_bytes().decode()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        if strict:
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0]
+            raise ConfigError(f"{path}: cannot read the run's config ({why}); restore it or move it away") from None
         return {}
+    if cfg is None or isinstance(cfg, dict):
+        return cfg or {}
+    if strict:
+        raise ConfigError(f"{path}: the run's config holds no mapping; restore it or move it away")
+    return {}
 
 
 def dotted(cfg: dict, key: str, default=None):

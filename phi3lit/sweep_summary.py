@@ -35,6 +35,7 @@ from phi3lit.sweep import (
     base_value,
     dotted,
     effective_scale,
+    open_nofollow,
     point_dir,
     points,
     read_status,
@@ -44,7 +45,8 @@ from phi3lit.sweep import (
 )
 
 SUMMARY_COLUMNS = [
-    "scale", "trainable_params", "adapter_mb", "tokens_seen", "eq_tokens", "eq_val_loss", "best_val_loss",
+    "scale", "trainable_params", "adapter_mb", "tokens_seen", "eq_tokens", "eq_val_loss", "eq_measured_at",
+    "eq_method", "best_val_loss",
     "final_val_loss", "best_val_ppl", "final_val_ppl", "val_token_acc", "tokens_per_sec", "peak_memory_gb",
     "wall_s", "status",
 ]  # fmt: skip
@@ -99,8 +101,8 @@ def summarize_point(sweep: dict, point: dict) -> dict:
     row["adapter_mb"] = round(adapter.stat().st_size / 1e6, 3) if adapter.exists() else ""
     per_step = tokens_per_step(cfg)
     curve = [(step * per_step, v) for step, v in scalars.get("val/loss", [])] if per_step else []
-    row["tokens_seen"] = curve[-1][0] if curve else ""
-    row["_curve"] = sorted(curve)  # (tokens seen, val loss) at each validation; not written out
+    row["tokens_seen"] = max(t for t, _ in curve) if curve else ""
+    row["_curve"] = curve  # (tokens seen, val loss) at each validation, as logged; not written out
     return row
 
 
@@ -108,21 +110,31 @@ def trainable_from_log(folder: Path):
     log = folder / "fit.log"
     if not log.exists():
         return ""
-    for line in log.read_text().splitlines():
+    for line in log.read_bytes().decode(errors="replace").splitlines():  # a log may hold any bytes
         if "[phi3lit] trainable params:" in line:  # the effective count phi3lit prints at the start of fit
             return int(line.split("trainable params:")[1].split("||")[0].strip().replace(",", ""))
     return ""
 
 
 # ---------------------------------------------------------------------------- the sweep
+EQ_NOTE = (
+    "points compared at equal tokens seen: eq_tokens is the largest token count every finished point reached (the "
+    "smallest final tokens_seen); eq_val_loss is each point's val loss at exactly eq_tokens, measured where the point "
+    "validated there, else interpolated linearly in tokens between its two validations that bracket eq_tokens "
+    "(eq_measured_at says which). Interpolation, rather than validating every point at common token counts, keeps "
+    "each point's fit command as written and works for any grid (batch size, accumulation, devices). Points that "
+    "differ in data.batch_size score the same validation rows: ablate gives them all one data.val_batch_size"
+)
 COLUMN_NOTES = {  # written under the table in summary.md, so a reader knows what the numbers are
     "scale": "the effective LoRA update scale of the point: alpha/r, or alpha/sqrt(r) with rsLoRA (per slice for "
     "sliced targets such as [q, v]); from the point's resolved config.yaml",
     "trainable_params": "the effective count fit prints (zero blocks of fused projections excluded)",
     "tokens_seen": "token slots trained on at the last validation: steps x data.batch_size x data.max_length x "
     "accumulation x devices (packed rows, so nearly all slots hold real tokens)",
-    "eq_tokens / eq_val_loss": "points compared at equal tokens seen: eq_tokens is the smallest final tokens_seen "
-    "among the finished points, eq_val_loss each point's val loss at its last validation at or before it",
+    "eq_tokens / eq_val_loss": EQ_NOTE,
+    "eq_measured_at / eq_method": "the tokens seen at the validation(s) behind eq_val_loss: one count (`measured`: "
+    "the point validated at eq_tokens) or `t0..t1` (`interpolated`: linearly in tokens between those two "
+    "validations, an estimate); empty when the point has no validation at or before eq_tokens",
     "tokens_per_sec": "steady-state training throughput: the median of the point's logged `train/tokens_per_sec` "
     "windows after the first (which carries start-up costs); the only window if there is one",
     "wall_s": "the point's wall time, resumed attempts included",
@@ -139,11 +151,14 @@ def summarize(sweep: dict) -> Path:
     pts = points(sweep)
     rows = [summarize_point(sweep, p) for p in pts]
     done = {p["name"]: r for p, r in zip(pts, rows, strict=True) if r["status"] == "ok"}
-    budget, at_budget = at_equal_tokens({name: r["_curve"] for name, r in done.items() if r["_curve"]})
+    budget, at_budget, where = at_equal_tokens({name: r["_curve"] for name, r in done.items() if r["_curve"]})
     for p, r in zip(pts, rows, strict=True):
         value = at_budget.get(p["name"]) if p["name"] in done else None
+        t0, t1 = where.get(p["name"], (None, None))
         r["eq_tokens"] = int(budget) if budget is not None and value is not None else ""
         r["eq_val_loss"] = round(value, 4) if value is not None else ""
+        r["eq_measured_at"] = "" if value is None else f"{int(t0)}" if t0 == t1 else f"{int(t0)}..{int(t1)}"
+        r["eq_method"] = "" if value is None else "measured" if t0 == t1 else "interpolated"
     keys = [short(k) for k in sweep["grid"]]
     stats = stats_rows(keys, rows)
     out = Path(sweep["root"]) / sweep["name"]
@@ -177,6 +192,11 @@ def summary_markdown(sweep: dict, keys: list[str], columns: list[str], rows: lis
     shown = [("eq_val_loss", 4), ("best_val_loss", 4), ("val_token_acc", 4), ("tokens_per_sec", 0)]
     head = keys + ["scale", "n"] + [m for m, _ in shown] + ["Δ eq_val_loss vs best"]
     lines = ["## Over seeds", "", STATS_NOTE, ""]
+    budget = next((r["eq_tokens"] for r in rows if r.get("eq_tokens") not in ("", None)), None)
+    if budget is not None:  # what the ranking compares, said where it is read
+        estimated = sum(r.get("eq_method") == "interpolated" for r in rows)
+        how = f"{estimated} of them interpolated between two validations" if estimated else "all measured there"
+        lines += [f"`eq_val_loss`: each point's val loss at {int(budget):,} tokens seen ({how}; `eq_measured_at`).", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in stats:
         delta = s["vs_best"]
@@ -195,7 +215,9 @@ def summary_markdown(sweep: dict, keys: list[str], columns: list[str], rows: lis
 def replace_file(path: Path, data: bytes) -> None:
     """Write beside, then rename: array tasks that summarize at the same time never leave a half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "the summary, written beside")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     tmp.replace(path)
 
 

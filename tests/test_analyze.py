@@ -5,6 +5,7 @@ end-to-end path: two workers run a 2-point x 2-seed sweep, then `phi3lit analyze
 import csv
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import ROOT
+from helpers import ROOT, explain
 
 from phi3lit.ablate import main as ablate_main
 from phi3lit.analyze import main as analyze_main
@@ -125,15 +126,18 @@ def test_t_table_matches_scipy():
 
 def test_points_are_compared_at_equal_tokens_seen():
     curves = {
-        "long": [(1000, 5.0), (2000, 4.0), (4000, 3.0)],  # trained on 4000 tokens
+        "long": [(1000, 5.0), (2000, 4.0), (4000, 3.0)],  # trained on 4000 tokens; no validation at 3000
         "short": [(1500, 4.5), (3000, 3.5)],  # on 3000: the budget every point has seen
         "sparse": [(5000, 2.0)],  # no validation before the budget: no value
+        "resumed": [(1000, 4.8), (3000, 9.9), (3000, 3.6), (6000, 3.0)],  # 3000 validated twice: the last counts
     }
-    budget, values = at_equal_tokens({k: v for k, v in curves.items() if k != "sparse"})
-    assert budget == 3000 and values == {"long": 4.0, "short": 3.5}
-    budget, values = at_equal_tokens(curves)
-    assert budget == 3000 and values["sparse"] is None
-    assert at_equal_tokens({}) == (None, {})
+    budget, values, where = at_equal_tokens({k: v for k, v in curves.items() if k != "sparse"})
+    # "long" is interpolated between 2000 and 4000 (halfway: 3.5), not its 2000-token value.
+    assert budget == 3000 and values == {"long": 3.5, "short": 3.5, "resumed": 3.6}
+    assert where == {"long": (2000, 4000), "short": (3000, 3000), "resumed": (3000, 3000)}
+    budget, values, where = at_equal_tokens(curves)
+    assert budget == 3000 and values["sparse"] is None and where["sparse"] == (None, None)
+    assert at_equal_tokens({}) == (None, {}, {})
 
 
 # ---------------------------------------------------------------------------- norms during training
@@ -198,6 +202,32 @@ def test_analyze_refuses_a_folder_without_adapters(tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="no adapter here"):
         analyze_main([str(tmp_path)])
+
+
+DAMAGE = {  # file in the run folder -> (bytes to write, or a change to adapter_config.json; what the line says)
+    "truncated": ("adapter/adapter_model.safetensors", None, "cannot read the adapter's tensors"),
+    "garbage": ("adapter/adapter_model.safetensors", b"\xff" * 64, "cannot read the adapter's tensors"),
+    "config_bad_r": ("adapter/adapter_config.json", {"r": None}, "r must be a positive number, got None"),
+    "config_bad_alpha": ("adapter/adapter_config.json", {"lora_alpha": "x"}, "lora_alpha must be a positive number"),
+    "config_yaml_not_utf8": ("config.yaml", b"model:\n  lora: \xff\xfe\n", "not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_analyze_on_a_damaged_run_is_one_line_naming_the_file(run_dir, tmp_path, capsys, case):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "adapter", run / "adapter")
+    shutil.copy(run_dir / "config.yaml", run / "config.yaml")
+    name, data, expected = DAMAGE[case]
+    path = run / name
+    if data is None:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif isinstance(data, dict):
+        path.write_text(json.dumps(json.loads(path.read_text()) | data))
+    else:
+        path.write_bytes(data)
+    err = explain(capsys, ["analyze", str(run)])
+    assert len(err.strip().splitlines()) == 1 and str(path) in err and expected in err, err
 
 
 def test_two_workers_run_a_2x2_seed_sweep_then_analyze(small_data, tmp_path):
