@@ -91,3 +91,18 @@ def explain(capsys, args: list[str], code: int = 2) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return err
+
+
+def wait_until_unlocked(path, deadline: float) -> None:
+    """Wait (until time.monotonic() reaches `deadline`) for no process to hold an flock on `path`."""
+    import fcntl
+    import time
+
+    with open(path) as lock:
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        fcntl.flock(lock, fcntl.LOCK_UN)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, wait_until_unlocked
 
 from phi3lit import ablate as ablate_module
 from phi3lit.commands import main
@@ -100,14 +100,7 @@ def test_killed_sweep_completes_on_rerun_and_index_runs_that_point_alone(sweep_f
     proc.wait()
     # The fit child (which holds the point's lock too) dies a moment after the sweep: until then a rerun would
     # rightly say the point is running in another process.
-    with open(point / ".ablate.lock") as lock:
-        while time.monotonic() < deadline:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(0.05)
-        fcntl.flock(lock, fcntl.LOCK_UN)
+    wait_until_unlocked(point / ".ablate.lock", deadline)
     rerun = ablate(sweep_file, "--root", tmp_path, "--index", "3")
     assert rerun.returncode == 0 and "resuming" in rerun.stdout
     rows = list(csv.DictReader((tmp_path / "mini" / "summary.csv").open()))

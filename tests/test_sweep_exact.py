@@ -3,7 +3,6 @@ between its step and last checkpoints completes on a rerun, sweep and value name
 (and distinct), and symlinks planted at the lock files are refused, never followed."""
 
 import csv
-import fcntl
 import os
 import re
 import shlex
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, wait_until_unlocked
 
 from phi3lit.events import read_scalars
 
@@ -85,14 +84,7 @@ def test_point_killed_between_step_and_last_checkpoint_completes_on_rerun(small_
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its fit child
     proc.wait()
-    with open(point / ".ablate.lock") as lock:  # the fit child dies a moment after the sweep
-        while time.monotonic() < deadline:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(0.05)
-        fcntl.flock(lock, fcntl.LOCK_UN)
+    wait_until_unlocked(point / ".ablate.lock", deadline)  # the fit child dies a moment after the sweep
     # As if killed after the first step=N.ckpt and before last.ckpt: only step checkpoints are left.
     (point / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
     assert not (point / "checkpoints" / "last.ckpt").exists() and list((point / "checkpoints").glob("step=*.ckpt"))
