@@ -71,6 +71,13 @@ class RunGuard(L.Callback):
         """Whether the fit ends after this batch: max_steps reached, or a callback asked it to stop."""
         return trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # A callback that stops the fit from a validation (EarlyStopping) does so after this step's batch end: save
+        # here, still inside the epoch, for the same reason as in on_train_batch_end.
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run
+        if fitting and trainer.should_stop and not self.preempted and trainer.checkpoint_callback is not None:
+            self._save_last(trainer)
+
     def _save_last(self, trainer) -> Path:
         callback = trainer.checkpoint_callback
         path = Path(callback.dirpath if callback else trainer.default_root_dir) / "last.ckpt"

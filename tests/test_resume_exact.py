@@ -84,3 +84,21 @@ def test_an_extended_run_reads_the_rows_and_lr_of_one_run_of_the_new_length(smal
     for step in (3, 4, 5):
         assert extended[step][0] == reference[step][0], f"rows at step {step}"
         assert extended[step][1] == pytest.approx(reference[step][1], rel=1e-9), f"lr at step {step}"
+
+
+def test_a_stop_asked_by_early_stopping_at_a_validation_resumes_exactly(small_data, uninterrupted, tmp_path):
+    """EarlyStopping stops the fit from a validation mid-epoch (here: any val loss below 100 stops at the first
+    one, step 3); resumed without it, the run continues the epoch with the uninterrupted run's rows and lr."""
+    import json
+
+    reference_root, reference = uninterrupted
+    records = tmp_path / "records.jsonl"
+    stop = {"class_path": "lightning.pytorch.callbacks.EarlyStopping",
+            "init_args": {"monitor": "val/loss", "stopping_threshold": 100.0}}  # fmt: skip
+    every_3 = ["--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1"]
+    run(small_data, tmp_path, records, "--trainer.max_steps", str(STEPS), *every_3,
+        f"--trainer.callbacks+={json.dumps(stop)}")  # fmt: skip
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    run(small_data, tmp_path, records, "--trainer.max_steps", str(STEPS), *every_3, "--ckpt_path", "last")
+    assert trace(records) == reference  # rows and lr at every step
+    assert_same_adapter(adapter(tmp_path), adapter(reference_root))
