@@ -1,7 +1,9 @@
-"""`phi3lit COMMAND ...` (and `python -m phi3lit COMMAND ...`): the entry point, one handler for every command.
+"""`phi3lit COMMAND ...` (and `python -m phi3lit COMMAND ...`): the one entry point, its command table and the one
+handler that turns the user's errors into one line.
 
-It imports only what the command needs: `ablate`, `analyze`, `--help` and `--list` start in a second, without
-Lightning (about 6 s of imports); fit, validate, test, predict, data and plan go through `phi3lit.cli` (LightningCLI).
+One parser style: every command is either LightningCLI over the fit config (`phi3lit.cli`) or a typed function
+whose signature and docstring are its options and `--help` (jsonargparse). It imports only what the command needs:
+`ablate`, `analyze` and `--help` start in a second, without Lightning (about 6 s of imports).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import sys
 
 from phi3lit.console import quiet
 from phi3lit.errors import ConfigError, Phi3litError
-from phi3lit.runfolder import release_run_folder, undo_unstarted_run
+from phi3lit.run.runfolder import release_run_folder, undo_unstarted_run
 
 
 def main(args: list[str] | None = None) -> None:
@@ -37,25 +39,34 @@ def main(args: list[str] | None = None) -> None:
         release_run_folder()  # a process that runs several fits (tests, notebooks) frees each folder it used
 
 
-COMMANDS = {  # name: what it does, for the top-level --help
-    "fit": "train LoRA adapters (the config's trainer, model and data); writes <run>/adapter at the end",
-    "validate": "val loss of a checkpoint or adapter on the validation data",
-    "test": "the same on data.test_file",
-    "predict": "answer data.predict_file's prompts; writes <run>/predictions.jsonl",
-    "data": "what the data becomes: counts, lengths, packing, and an example with its trained tokens marked "
-    "(--show N|longest|truncated, --split train|val|test)",
-    "plan": "parameter counts and a memory estimate for a config, without weights or a GPU",
-    "export": "a checkpoint as a stock peft adapter (fused or split) or a merged model",
-    "chat": "talk to an adapter or a merged model in the terminal",
-    "ablate": "run a sweep file (experiments/*.yaml) of fit overrides and summarise it",
-    "analyze": "what LoRA learned: spectra, subspace similarity and amplification of the saved adapters (CPU, no data)",
-    "tiny": "build a tiny random-init Phi-3 of any tokenizer's vocabulary, for offline dry runs",
-}
+# The command table: name -> (what it runs, what it does). Trainer commands are LightningCLI's subcommands over
+# the fit config; `data` and `plan` parse the same config without running; the others are typed functions, named
+# by import path so that a command imports only what it needs (`ablate --help` starts without Lightning).
+TRAINER = "lightning"  # fit, validate, test, predict
+INSPECT = "inspect"  # data, plan: the fit config, parsed only
+COMMANDS = {
+    "fit": (TRAINER, "train LoRA adapters (the config's trainer, model and data); writes <run>/adapter at the end"),
+    "validate": (TRAINER, "val loss of a checkpoint or adapter on the validation data"),
+    "test": (TRAINER, "the same on data.test_file"),
+    "predict": (TRAINER, "answer data.predict_file's prompts; writes <run>/predictions.jsonl"),
+    "data": (INSPECT, "what the data becomes: counts, lengths, packing, and an example with its trained tokens "
+             "marked (--show N|longest|truncated, --split train|val|test)"),
+    "plan": (INSPECT, "parameter counts and a memory estimate for a config, without weights or a GPU"),
+    "export": ("phi3lit.export.export:export", "a checkpoint as a stock peft adapter (fused or split) or a merged "
+               "model"),
+    "chat": ("phi3lit.export.chat:chat", "talk to an adapter or a merged model in the terminal"),
+    "ablate": ("phi3lit.tools.sweep.ablate:ablate", "run a sweep file (experiments/*.yaml) of fit overrides and "
+               "summarise it"),
+    "analyze": ("phi3lit.tools.analysis.analyze:analyze", "what LoRA learned: spectra, subspace similarity and "
+                "amplification of the saved adapters (CPU, no data)"),
+    "tiny": ("phi3lit.tiny:tiny", "build a tiny random-init Phi-3 of any tokenizer's vocabulary, for offline dry runs"),
+}  # fmt: skip
+POSITIONAL = {"ablate", "analyze"}  # `ablate SWEEP`, `analyze FOLDER`; the others take --options only
 
 
 def overview() -> str:
     width = max(map(len, COMMANDS))
-    rows = "\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items())
+    rows = "\n".join(f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items())
     return (
         "usage: phi3lit COMMAND [--config FILE.yaml] [options]   (also: python -m phi3lit COMMAND ...)\n\n"
         "LoRA fine-tuning of Phi-3 with PyTorch Lightning.\n\ncommands:\n"
@@ -65,101 +76,37 @@ def overview() -> str:
     )
 
 
-def _function_cli(fn, name: str, args: list[str]):
-    from jsonargparse import CLI
-
-    return CLI(fn, args=args, as_positional=False, prog=f"phi3lit {name}")
-
-
-def _data_options(argv: list[str]) -> tuple[list[str], int | str, str]:
-    """`data`'s own options, taken out before the fit config is parsed: --show N|longest|truncated, --split."""
-    show, split, rest, i = 0, "train", [], 0
-    while i < len(argv):
-        key, _, value = argv[i].partition("=")
-        if key in ("--show", "--split") and argv[0] == "data":
-            if not value:
-                i += 1
-                value = argv[i] if i < len(argv) else ""
-            if key == "--split":
-                if value not in ("train", "val", "test"):
-                    raise ConfigError(f"data --split must be train, val or test, got {value!r}")
-                split = value
-            elif value in ("longest", "truncated") or value.isdigit():
-                show = int(value) if value.isdigit() else value
-            else:
-                raise ConfigError(f"data --show takes an example index, longest or truncated, got {value!r}")
-        else:
-            rest.append(argv[i])
-        i += 1
-    return rest, show, split
-
-
 def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
     command = argv[0] if argv else None
     if command in (None, "-h", "--help"):
         print(overview())
         return
-    if command == "export":
-        from phi3lit.export import export
+    if command not in COMMANDS:
+        raise ConfigError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)} (phi3lit --help)")
+    target, what = COMMANDS[command]
+    if target == TRAINER:
+        from phi3lit.cli import run_trainer_command
 
-        rest = argv[1:]
-        for i, a in enumerate(rest):  # allow the plain flag `--merge` (jsonargparse booleans take a value)
-            if a == "--merge" and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
-                rest[i] = "--merge=true"
-        out = _function_cli(export, "export", rest)
-        print(f"[phi3lit] exported to {out}")
+        run_trainer_command(None if from_sys_argv else argv)
         return
-    if command == "ablate":
-        from phi3lit import ablate
+    if target == INSPECT:
+        from phi3lit.cli import inspect_config
 
-        sys.exit(ablate.main(argv[1:]))
-    if command == "analyze":
-        from phi3lit import analyze
-
-        sys.exit(analyze.main(argv[1:]))
-    if command == "chat":
-        from phi3lit.chat import chat
-
-        _function_cli(chat, "chat", argv[1:])
+        print(inspect_config(command, argv[1:], what))
         return
-    if command == "tiny":
-        from phi3lit.tiny import tiny
+    import importlib
 
-        _function_cli(tiny, "tiny", argv[1:])
-        return
-    from phi3lit.cli import Phi3LitCLI, RunConfig
-    from phi3lit.data import ChatDataModule
-    from phi3lit.model import Phi3LoRA
+    from jsonargparse import CLI
 
-    if command in ("data", "plan"):  # the fit config, parsed without running: inspect before spending GPU hours
-        argv, show, split = _data_options(argv)
-        cli = Phi3LitCLI(
-            Phi3LoRA,
-            ChatDataModule,
-            run=False,
-            auto_configure_optimizers=False,
-            args=argv[1:],
-            parser_kwargs={"prog": f"phi3lit {command}", "description": COMMANDS[command], "exit_on_error": False},
-        )
-        if command == "data":
-            from phi3lit.data import describe
-
-            print(describe(cli.datamodule, split, show))
-        else:
-            from phi3lit.plan import plan_from_cli
-
-            print(plan_from_cli(cli))
-        return
-    Phi3LitCLI(
-        Phi3LoRA,
-        ChatDataModule,
-        seed_everything_default=0,
-        auto_configure_optimizers=False,  # `optimizer:` / `lr_scheduler:` are linked into the module instead
-        save_config_callback=RunConfig,
-        save_config_kwargs={"overwrite": True},
-        args=None if from_sys_argv else argv,
-        parser_kwargs={"prog": "phi3lit", "exit_on_error": False},  # a refused value: one line (main's handler)
-    )
+    module, _, name = target.partition(":")
+    function = getattr(importlib.import_module(module), name)
+    positional = command in POSITIONAL
+    result = CLI(function, args=argv[1:], as_positional=positional, prog=f"phi3lit {command}", exit_on_error=False)
+    if isinstance(result, int) and not isinstance(result, bool):  # an exit status (ablate, analyze)
+        if result:
+            sys.exit(result)
+    elif result is not None:  # the folder written (export, tiny)
+        print(f"[phi3lit] {command}: wrote {result}")
 
 
 def _is_parse_error(e: BaseException) -> bool:
@@ -175,3 +122,7 @@ def _explained(e: BaseException | None) -> BaseException | None:
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+if __name__ == "__main__":
+    main()

@@ -13,24 +13,24 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeTuple, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from phi3lit.allocator import keep_freed_memory
-from phi3lit.callbacks import PredictionWriter, SampleReplies, SaveAdapter
 from phi3lit.checkpoint import checkpoints_newest_first, newest_intact, read_checkpoint, remove_stale_temps
-from phi3lit.checks import check_devices, check_strategy, check_values
 from phi3lit.errors import CheckpointError
-from phi3lit.monitor import TrainMonitor
-from phi3lit.optim import DEFAULTS as OPTIM_DEFAULTS
-from phi3lit.optim import carried_over_note
-from phi3lit.progress import ProgressLog
-from phi3lit.resume import explain, flat_config, resume_diff
-from phi3lit.runfolder import check_not_mixing, folder_entries, lock_run_folder, refuse_link
-from phi3lit.runguard import RunGuard, check_writable
+from phi3lit.export.callback import SaveAdapter
+from phi3lit.model.optim import DEFAULTS as OPTIM_DEFAULTS
+from phi3lit.model.optim import carried_over_note
+from phi3lit.run.allocator import keep_freed_memory
+from phi3lit.run.callbacks import PredictionWriter, SampleReplies
+from phi3lit.run.checks import check_devices, check_strategy, check_values
+from phi3lit.run.monitor import TrainMonitor
+from phi3lit.run.preemption import RunGuard, check_writable
+from phi3lit.run.progress import ProgressLog
+from phi3lit.run.resume import explain, flat_config, resume_diff
+from phi3lit.run.runfolder import check_not_mixing, folder_entries, lock_run_folder, refuse_link
 
 
 def _checkpoint_dir(root: str | None) -> str:
@@ -105,7 +105,8 @@ class Phi3LitCLI(LightningCLI):
         parser.add_lightning_class_args(RunGuard, "guard")
         parser.add_lightning_class_args(ProgressLog, "progress")
         # LightningCLI's standard optimizer and schedule keys (`--optimizer AdamW --optimizer.lr 1e-3`), handed to the
-        # module as callables, which builds them over the LoRA parameters with a per-step schedule (phi3lit.optim).
+        # module as callables, which builds them over the LoRA parameters with a per-step schedule
+        # (phi3lit.model.optim).
         import torch
 
         parser.add_optimizer_args((torch.optim.Optimizer,), link_to="model.optimizer")
@@ -113,7 +114,6 @@ class Phi3LitCLI(LightningCLI):
         parser.set_defaults(OPTIM_DEFAULTS)
         # One source of truth for values that data and model share.
         parser.link_arguments("model.pretrained", "data.tokenizer")
-        parser.link_arguments("data.max_length", "model.max_length")
         # A fixed checkpoint folder per run, so `--ckpt_path last` finds the previous run's last.ckpt.
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         # No last-v1.ckpt: a run folder holds one run (see runfolder.py), so `last` is always this run's newest.
@@ -122,6 +122,17 @@ class Phi3LitCLI(LightningCLI):
         # table would list the metric objects and "0 FLOPs" beside it.
         defaults["trainer.enable_model_summary"] = False
         parser.set_defaults({**defaults, "checkpoint.enable_version_counter": False})
+        # The Trainer phi3lit runs, as parser defaults so that `--print_config` prints it and running the printed
+        # config gives the same run: TensorBoard in the run folder (Lightning's default would be version_N folders),
+        # the progress bar in optimizer steps of the whole run, and checkpoint files written atomically (a kill
+        # mid-save never leaves a partial last.ckpt). Each can be replaced or switched off in the config.
+        parser.set_defaults(
+            {
+                "trainer.logger": {"class_path": "phi3lit.run.monitor.RunTensorBoard"},
+                "trainer.callbacks": [{"class_path": "phi3lit.run.progress.StepProgressBar"}],
+                "trainer.plugins": [{"class_path": "phi3lit.checkpoint.AtomicCheckpointIO"}],
+            }
+        )
         parser.add_argument(
             "--accept_changes",
             type=bool,
@@ -134,7 +145,7 @@ class Phi3LitCLI(LightningCLI):
             type=Literal["keep", "system"],
             default="keep",
             help="keep: glibc keeps freed memory for reuse instead of re-faulting fresh pages every step "
-            "(phi3lit.allocator; faster on CPU, RSS stays at its peak); system: malloc's defaults",
+            "(phi3lit.run.allocator; faster on CPU, RSS stays at its peak); system: malloc's defaults",
         )
 
     def before_fit(self) -> None:
@@ -219,40 +230,64 @@ class Phi3LitCLI(LightningCLI):
                 rank_zero_info(f"[phi3lit] removed what killed runs left mid-write: {', '.join(stale)}")
             if config.trainer.fast_dev_run:  # a check: Lightning's ModelCheckpoint would still write last.ckpt
                 config.checkpoint.save_last = False
+        logger = config.trainer.logger  # the default RunTensorBoard: `run_dir: null` means the run folder
+        if getattr(logger, "class_path", "") == "phi3lit.run.monitor.RunTensorBoard" and not logger.init_args.run_dir:
+            logger.init_args.run_dir = config.trainer.default_root_dir or os.getcwd()
         if config.trainer.enable_progress_bar is None and not sys.stdout.isatty():
             config.trainer.enable_progress_bar = False  # a bar redrawn into a log file is noise: ProgressLog's lines
-        callbacks = config.trainer.callbacks or []
-        own_bar = any(_is_progress_bar(getattr(c, "class_path", None)) for c in callbacks)
-        if config.trainer.enable_progress_bar is not False and not own_bar:  # steps of max_steps, not epochs
-            bar = Namespace(class_path="phi3lit.progress.StepProgressBar", init_args=Namespace())
-            config.trainer.callbacks = [*callbacks, bar]
-        # Checkpoint files written atomically (a kill mid-save never leaves a partial last.ckpt). FSDP and DeepSpeed
-        # write their own sharded checkpoints, so they keep their own IO.
-        strategy = str(config.trainer.strategy).lower()
-        if "fsdp" not in strategy and "deepspeed" not in strategy:
-            io = Namespace(class_path="phi3lit.checkpoint.AtomicCheckpointIO", init_args=Namespace())
-            plugins = config.trainer.plugins
-            plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
-            config.trainer.plugins = [*plugins, io]
-        # TensorBoard in the run folder by default (Lightning's default would be version_N folders).
-        trainer = config.trainer
-        if trainer.logger in (None, True):
-            root = trainer.default_root_dir or os.getcwd()
-            trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(save_dir=root, name="tb", version="", default_hp_metric=False),
-            )
+        if config.trainer.enable_progress_bar is False and config.trainer.callbacks:
+            # No bar asked for: the default StepProgressBar steps aside (Lightning refuses a bar with the switch off).
+            bar = "phi3lit.run.progress.StepProgressBar"
+            config.trainer.callbacks = [c for c in config.trainer.callbacks if getattr(c, "class_path", None) != bar]
 
 
-def _is_progress_bar(class_path: str | None) -> bool:
-    """Whether a callback given by class path is a progress bar (then phi3lit adds none of its own)."""
-    import importlib
+class DataReportCLI(Phi3LitCLI):
+    """`phi3lit data`: the fit config, parsed without running, plus which example to show."""
 
-    from lightning.pytorch.callbacks.progress import ProgressBar
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument(
+            "--show",
+            type=int | Literal["longest", "truncated"],
+            default=0,
+            help="the example to print with its trained tokens marked: an index, longest or truncated",
+        )
+        parser.add_argument("--split", type=Literal["train", "val", "test"], default="train", help="which split")
 
-    module, _, name = (class_path or "").rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name, None) if module else None
-    except ImportError:
-        return False
-    return isinstance(cls, type) and issubclass(cls, ProgressBar)
+
+def inspect_config(command: Literal["data", "plan"], args: list[str], description: str) -> str:
+    """`data` and `plan`: the fit config parsed (and its model and data built, no weights read), then reported."""
+    from phi3lit.data.inspection import describe
+    from phi3lit.data.module import ChatDataModule
+    from phi3lit.model.module import Phi3LoRA
+
+    cli = (DataReportCLI if command == "data" else Phi3LitCLI)(
+        Phi3LoRA,
+        ChatDataModule,
+        run=False,
+        auto_configure_optimizers=False,
+        args=args,
+        parser_kwargs={"prog": f"phi3lit {command}", "description": description, "exit_on_error": False},
+    )
+    if command == "data":
+        return describe(cli.datamodule, cli.config.split, cli.config.show)
+    from phi3lit.tools.plan import plan_from_cli
+
+    return plan_from_cli(cli)
+
+
+def run_trainer_command(args: list[str] | None) -> None:
+    """fit, validate, test, predict: LightningCLI over Phi3LoRA + ChatDataModule (`args` None: sys.argv)."""
+    from phi3lit.data.module import ChatDataModule
+    from phi3lit.model.module import Phi3LoRA
+
+    Phi3LitCLI(
+        Phi3LoRA,
+        ChatDataModule,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,  # `optimizer:` / `lr_scheduler:` are linked into the module instead
+        save_config_callback=RunConfig,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        parser_kwargs={"prog": "phi3lit", "exit_on_error": False},  # a refused value: one line (main's handler)
+    )

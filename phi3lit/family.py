@@ -8,18 +8,18 @@ in public repositories (named in `source`), and every entry cites the hub file i
 What differs between the members, and what phi3lit does about it:
 
 * **Grouped-query attention** (Phi-3-medium: 40 query / 10 KV heads; Phi-4-mini: 24 / 8). `qkv_proj` then has
-  unequal slices (q: heads x head_dim rows, k and v: kv_heads x head_dim rows each); `phi3lit.lora.slice_rows`
+  unequal slices (q: heads x head_dim rows, k and v: kv_heads x head_dim rows each); `phi3lit.model.lora.slice_rows`
   reads them from the config, and `sdpa_docs` hands the KV heads to SDPA with `enable_gqa`.
 * **LongRoPE** (the 128k models, Phi-3.5-mini, Phi-4-mini). transformers rescales RoPE with `short_factor` or
   `long_factor`, chosen from `max(position_ids) + 1` over the *whole batch*. A packed row restarts positions at
   every conversation, so stock transformers picks the long factors for every conversation (and every row) of a
   batch as soon as one conversation, or one padding run, is longer than `original_max_position_embeddings`.
   What inference sees is one conversation at a time: a conversation of L tokens is encoded with the long factors
-  exactly when L > original_max_position_embeddings. `phi3lit.rope.install_document_rope` makes training do the
+  exactly when L > original_max_position_embeddings. `phi3lit.model.rope.install_document_rope` makes training do the
   same, per conversation (`DocumentLongRoPE`); with every conversation short it is bit-identical to stock transformers.
 * **Partial rotary** (Phi-4-mini: 0.75 of each 128-wide head is rotated). Handled by transformers; the LongRoPE
   factor lists have head_dim * partial_rotary_factor / 2 entries, which `DocumentLongRoPE` inherits.
-* **Tied embeddings** (Phi-4-mini: `lm_head.weight` is `embed_tokens.weight`). See `phi3lit.lora` for what
+* **Tied embeddings** (Phi-4-mini: `lm_head.weight` is `embed_tokens.weight`). See `phi3lit.model.lora` for what
   LoRA on `lm_head` / `embed` and `modules_to_save` mean then, and `check_tied_targets`.
 * **Chat templates.** Phi-3-medium's template has no system role: a system message is dropped without a trace.
   `phi3lit.data.chat.render_system_message` folds it into the first user turn (as the Phi-3 cookbook and
@@ -45,7 +45,7 @@ class Member:
     source: str  # where the config.json values were read (no hub access here)
     chat_template: str
     template_source: str
-    recipe: str  # configs/<model>-lora.yaml
+    recipe: str  # its model overlay, configs/models/<model>.yaml, on configs/recipe.yaml
     tiny_shape: str  # phi3lit.tiny.TINY_SHAPES key with the same structural features
     published: str  # the size the model card states
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -181,10 +181,10 @@ FAMILY: dict[str, Member] = {
                 pad_token_id=32000,
             ),  # fmt: skip
             "dotnet/machinelearning src/Microsoft.ML.GenAI.Phi/Resource/Config/phi-3-mini-4k-instruct-config.json "
-            "(verbatim copy); the same values were already in phi3lit.plan",
+            "(verbatim copy); the same values were already in phi3lit.tools.plan",
             MINI_TEMPLATE,
             "the hub file, copied into phi3lit (the tiny tokenizer ships the same text)",
-            "configs/phi3-mini-4k-lora.yaml",
+            "configs/models/phi3-mini-4k.yaml",
             "mini-4k",
             "3.8B",
         ),
@@ -203,7 +203,7 @@ FAMILY: dict[str, Member] = {
             MINI_TEMPLATE,
             "not read for this model: the April 2024 revision had no system branch (huggingface fixture copies); "
             "the current hub file is assumed to match Phi-3-mini-4k's (the June 2024 update)",
-            "configs/phi3-mini-128k-lora.yaml",
+            "configs/models/phi3-mini-128k.yaml",
             "mini-128k",
             "3.8B",
             (
@@ -224,7 +224,7 @@ FAMILY: dict[str, Member] = {
             "NVIDIA/Fuser benchmarks/python/rope_ops.py (hf_phi3_rope quotes the config.json verbatim)",
             PHI35_TEMPLATE,
             "quoted verbatim in llama.cpp-style template tests (PHI3_5_CHAT_TEMPLATE) and BFCL's Phi handler",
-            "configs/phi3.5-mini-lora.yaml",
+            "configs/models/phi3.5-mini.yaml",
             "mini-128k",
             "3.8B",
         ),
@@ -242,7 +242,7 @@ FAMILY: dict[str, Member] = {
             "(verbatim copy); shape also in GenZ-LLM-Analyzer's model table",
             MEDIUM_TEMPLATE,
             "guidance-ai/guidance guidance/chat.py (phi3_medium_template, citing tokenizer_config.json#L119)",
-            "configs/phi3-medium-4k-lora.yaml",
+            "configs/models/phi3-medium-4k.yaml",
             "medium-4k",
             "14B",
         ),
@@ -260,7 +260,7 @@ FAMILY: dict[str, Member] = {
             "(verbatim copy)",
             MEDIUM_TEMPLATE,
             "a tokenizer-config fixture listing microsoft/Phi-3-medium-128k-instruct (same text as the 4k model's)",
-            "configs/phi3-medium-128k-lora.yaml",
+            "configs/models/phi3-medium-128k.yaml",
             "medium-128k",
             "14B",
         ),
@@ -295,7 +295,7 @@ FAMILY: dict[str, Member] = {
             "factors were NOT found",
             PHI4_MINI_TEMPLATE,
             "guidance-ai/guidance guidance/chat.py (phi_4_mini_template, citing tokenizer_config.json#L104)",
-            "configs/phi4-mini-lora.yaml",
+            "configs/models/phi4-mini.yaml",
             "phi4-mini",
             "3.8B",
             ("rope_scaling factors are placeholders of the real length (48); bos/eos 199999 taken from pad",),

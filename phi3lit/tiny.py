@@ -13,9 +13,7 @@ rewrites both assets, and a test checks that the shipped files are exactly what 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import tempfile
 from pathlib import Path
@@ -26,7 +24,6 @@ from phi3lit.family import MINI_TEMPLATE as PHI3_CHAT_TEMPLATE
 ASSETS = Path(__file__).parent / "assets"
 TINY_DATA = ASSETS / "tiny_chat.jsonl"
 TINY_TOKENIZER = ASSETS / "tiny-tokenizer"
-BUILTIN_PREFIX = "builtin:"
 TINY_NAME = "builtin:tiny-phi3"
 
 # <unk> first so that the pad id is 0, as in Phi-3 (padding with eos teaches a model never to stop).
@@ -164,10 +161,6 @@ def write_assets(dest: Path = ASSETS) -> None:
 
 
 # ---------------------------------------------------------------------------- model
-def cache_root() -> Path:
-    return Path(os.environ.get("PHI3LIT_CACHE", Path.home() / ".cache" / "phi3lit"))
-
-
 def _shape(shape: str) -> dict:
     from phi3lit.errors import ConfigError
 
@@ -208,24 +201,6 @@ def build_tiny_model(
     return out
 
 
-def resolve_pretrained(name: str) -> str:
-    """Map `builtin:tiny-phi3` (and `builtin:tiny-phi3-<shape>`, one per TINY_SHAPES key) to its cache folder,
-    built on demand; pass hub ids and paths through."""
-    if not name.startswith(BUILTIN_PREFIX):
-        return name
-    shape = "mini-4k" if name == TINY_NAME else name.removeprefix(TINY_NAME + "-")
-    if shape not in TINY_SHAPES or name == f"{TINY_NAME}-mini-4k":
-        known = ", ".join([TINY_NAME, *(f"{TINY_NAME}-{s}" for s in TINY_SHAPES if s != "mini-4k")])
-        raise ValueError(f"unknown built-in model {name!r}; the built-in ones are {known}")
-    # The folder name carries a hash of the recipe, so a changed shape or tokenizer never reuses a stale build.
-    recipe = json.dumps(TINY_SHAPES[shape], sort_keys=True) + (TINY_TOKENIZER / "tokenizer.json").read_text()
-    prefix = "tiny-phi3" if shape == "mini-4k" else f"tiny-phi3-{shape}"
-    path = cache_root() / f"{prefix}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
-    if not (path / "config.json").exists():
-        build_tiny_model(path, shape=shape)
-    return str(path)
-
-
 def tiny(tokenizer: str, out: str, seed: int = 0, shape: str = "mini-4k") -> Path:
     """Build a tiny random-init Phi-3 (2 layers, hidden 256) with any tokenizer's vocabulary, for offline dry runs.
 
@@ -255,17 +230,8 @@ def tiny(tokenizer: str, out: str, seed: int = 0, shape: str = "mini-4k") -> Pat
     return target
 
 
-if __name__ == "__main__":  # maintainers only: regenerate the shipped tokenizer and chats
-    import argparse
+if __name__ == "__main__":  # maintainers only: `python -m phi3lit.tiny` regenerates the shipped tokenizer and chats
+    from jsonargparse import CLI
 
-    parser = argparse.ArgumentParser(
-        prog="python -m phi3lit.tiny",
-        description="Regenerate phi3lit's shipped tiny tokenizer and chat data (maintainers). Users who want a tiny "
-        "model of their own tokenizer: python -m phi3lit tiny --tokenizer DIR --out DIR",
-    )
-    parser.add_argument("--write_assets", action="store_true", help=f"rewrite {TINY_DATA} and {TINY_TOKENIZER}")
-    if parser.parse_args().write_assets:
-        write_assets()
-        print(f"wrote {TINY_DATA} and {TINY_TOKENIZER}")
-    else:
-        parser.print_help()
+    CLI(write_assets, prog="python -m phi3lit.tiny")
+    print(f"wrote {TINY_DATA} and {TINY_TOKENIZER}")

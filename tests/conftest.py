@@ -24,7 +24,8 @@ from helpers import REAL_TOKENIZER, ROOT, run_main  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
-    from phi3lit.tiny import TINY_NAME, resolve_pretrained
+    from phi3lit.hub import resolve_pretrained
+    from phi3lit.tiny import TINY_NAME
 
     return resolve_pretrained(TINY_NAME)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3lit.commands import main
+from phi3lit.__main__ import main
 from phi3lit.data import IGNORE_INDEX, collate, tokenize_chat
 
 ROOT = Path(__file__).resolve().parents[1]

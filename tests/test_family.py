@@ -25,9 +25,10 @@ from phi3lit.family import (
     member,
     phi3_config,
 )
-from phi3lit.lora import LoraSpec, apply_lora, effective_trainable, slice_rows, tied_embeddings, untie_for_merge
-from phi3lit.rope import DocumentLongRoPE, document_lengths, install_document_rope
-from phi3lit.tiny import TINY_NAME, TINY_SHAPES, resolve_pretrained
+from phi3lit.hub import resolve_pretrained
+from phi3lit.model.lora import LoraSpec, apply_lora, effective_trainable, slice_rows, tied_embeddings, untie_for_merge
+from phi3lit.model.rope import DocumentLongRoPE, document_lengths, install_document_rope
+from phi3lit.tiny import TINY_NAME, TINY_SHAPES
 
 SHAPES = [s for s in TINY_SHAPES if s != "mini-4k"]
 
@@ -62,8 +63,9 @@ def test_every_member_is_cited_and_has_a_shipped_config():
         assert (ROOT / m.recipe).is_file(), m.recipe
         assert m.tiny_shape in TINY_SHAPES
         text = (ROOT / m.recipe).read_text()
-        header = text[: text.index("seed_everything")]
-        assert f"python -m phi3lit fit --config {m.recipe}\n" in header  # the launch command, in the opening comment
+        header = text[: text.index("trainer:")]
+        launch = f"python -m phi3lit fit --config configs/recipe.yaml --config {m.recipe}\n"
+        assert launch in header  # the launch command, in the opening comment
         assert f"pretrained: {hub_id}\n" in text
     assert member("MICROSOFT/phi-3-medium-4k-instruct") is FAMILY["microsoft/Phi-3-medium-4k-instruct"]
     assert member("Phi-3-medium-4k-instruct") is None  # a bare name may be a local folder
@@ -73,7 +75,7 @@ def test_every_member_is_cited_and_has_a_shipped_config():
 def test_real_shapes_are_counted_exactly_offline(hub_id):
     from transformers import Phi3ForCausalLM
 
-    from phi3lit.plan import load_config
+    from phi3lit.tools.plan import load_config
 
     total, trainable, qv = PINNED[hub_id]
     config = load_config(hub_id)  # offline: no hub access in tests
@@ -107,7 +109,7 @@ def test_real_structural_features():
 def test_plan_refuses_a_model_that_is_not_phi3(tmp_path):
     from transformers import LlamaConfig
 
-    from phi3lit.plan import estimate
+    from phi3lit.tools.plan import estimate
 
     LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=100,
                 architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)  # fmt: skip
@@ -121,8 +123,8 @@ def test_plan_refuses_a_model_that_is_not_phi3(tmp_path):
 
 
 def test_plan_counts_a_4bit_base_as_4bit(monkeypatch):
-    from phi3lit import plan
-    from phi3lit.plan import estimate
+    from phi3lit.tools import plan
+    from phi3lit.tools.plan import estimate
 
     monkeypatch.setattr(plan, "activation_bytes_per_token_layer", lambda *a: 0.0)  # measured elsewhere; slow here
 
@@ -176,7 +178,7 @@ def hidden(model, batch, impl):
 
 @pytest.mark.parametrize("shape", ["medium-4k", "medium-128k", "phi4-mini"])
 def test_sdpa_docs_equals_the_dense_mask_under_gqa(shape):
-    from phi3lit import attention  # noqa: F401
+    from phi3lit.model import attention  # noqa: F401
 
     model = tiny(shape)
     batch = packed([[5, 20, 15], [12, 9]], model.config.vocab_size)
@@ -422,8 +424,8 @@ def test_family_member_fits_exports_and_reloads(shape, small_data, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from phi3lit.commands import main
-    from phi3lit.model import Phi3LoRA
+    from phi3lit.__main__ import main
+    from phi3lit.model.module import Phi3LoRA
 
     run = tmp_path / "run"
     main([
@@ -445,7 +447,7 @@ def test_family_member_fits_exports_and_reloads(shape, small_data, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(peft_model.eval()(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
         assert not torch.allclose(AutoModelForCausalLM.from_pretrained(base)(input_ids=ids).logits, expected, atol=1e-4)
-    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "merged"), "--merge"])
+    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "merged"), "--merge", "true"])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         got = merged(input_ids=ids).logits

@@ -1,6 +1,6 @@
 """Files a user points phi3lit at, and folders it writes into, as careless users and hostile files would have them.
 
-Each test drives the CLI (`phi3lit.commands.main`, as `python -m phi3lit` does) and asserts the one-line outcome
+Each test drives the CLI (`phi3lit.__main__.main`, as `python -m phi3lit` does) and asserts the one-line outcome
 and that nothing else happened: a payload did not run, a damaged file was not used, a link was not followed, a
 failed start left the folder as it was.
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import TINY, explain
 
-from phi3lit.commands import main
+from phi3lit.__main__ import main
 
 
 def fit_args(data, root, *extra):

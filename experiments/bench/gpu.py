@@ -9,7 +9,7 @@ through `Phi3LoRA.token_losses` (the step phi3lit trains with). For sdpa_docs (a
 offsets when flash-attn is installed) x gradient checkpointing on/off x chunked cross-entropy on/off, plus sdpa
 with transformers' dense mask as a reference, it reports tokens/s, MFU against 989 TFLOP/s (H100/H200 dense
 bf16) and against a bf16 matmul peak measured here, and peak CUDA memory. Target: >= 25,000 tokens/s and
-<= 30 GB without checkpointing. MFU counts phi3lit.monitor.model_flops: 4 x frozen + 6 x trainable FLOPs per
+<= 30 GB without checkpointing. MFU counts phi3lit.run.monitor.model_flops: 4 x frozen + 6 x trainable FLOPs per
 token, the LM head at trained positions, attention within each conversation.
 """
 
@@ -23,9 +23,9 @@ import time
 import torch
 
 from phi3lit.data import collate
-from phi3lit.lora import LoraSpec, apply_lora
-from phi3lit.model import Phi3LoRA
-from phi3lit.monitor import measure_matmul_flops, model_flops
+from phi3lit.model.lora import LoraSpec, apply_lora
+from phi3lit.model.module import Phi3LoRA
+from phi3lit.run.monitor import measure_matmul_flops, model_flops
 
 SPEC_PEAK = 989e12
 REAL = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
@@ -60,7 +60,7 @@ def run(shape: dict, attn: str, checkpointing: bool, ce_chunk: int, rows: int, s
         base = Phi3ForCausalLM(config).to(dtype)
     if checkpointing:
         base.gradient_checkpointing_enable({"use_reentrant": False})
-    module = Phi3LoRA(attn_implementation=attn, ce_chunk=ce_chunk, max_length=shape["max_position_embeddings"])
+    module = Phi3LoRA(attn_implementation=attn, ce_chunk=ce_chunk)
     module.model = apply_lora(base, LoraSpec(r=16, alpha=32, dropout=0.0, targets=["all-linear"])).train()
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -112,10 +112,10 @@ def run_phi3lit(model_dir: str, steps: int, warmup: int, peak: float, options: d
     """phi3lit as its CLI runs it (allocator kept unless `allocator: system`); `options` change one default."""
     import lightning as L
 
-    from phi3lit.allocator import keep_freed_memory
     from phi3lit.data import IGNORE_INDEX, ChatDataModule
-    from phi3lit.lora import LoraSpec
-    from phi3lit.model import Phi3LoRA
+    from phi3lit.model.lora import LoraSpec
+    from phi3lit.model.module import Phi3LoRA
+    from phi3lit.run.allocator import keep_freed_memory
 
     options = dict(options)
     if options.pop("allocator", "keep") == "keep":
@@ -131,7 +131,7 @@ def run_phi3lit(model_dir: str, steps: int, warmup: int, peak: float, options: d
     L.seed_everything(0)
     lora = LoraSpec(r=16, alpha=32, dropout=options.pop("dropout", 0.05))
     data_options = {k: options.pop(k) for k in ("num_workers", "train_on") if k in options}
-    module = Phi3LoRA(pretrained=model_dir, lora=lora, max_length=length, **options)
+    module = Phi3LoRA(pretrained=model_dir, lora=lora, **options)
     dm = ChatDataModule(data_path(), val_fraction=0.0, tokenizer=model_dir, max_length=length, batch_size=ROWS,
                         **data_options)  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", precision="32-true", max_steps=steps + warmup, logger=False,
@@ -203,7 +203,7 @@ VARIANTS = [  # one phi3lit default changed at a time: what each switch is worth
 def child(args) -> None:
     import torch
 
-    from phi3lit.monitor import measure_matmul_flops
+    from phi3lit.run.monitor import measure_matmul_flops
 
     torch.manual_seed(0)
     peak = measure_matmul_flops(torch.device("cpu"), torch.float32)

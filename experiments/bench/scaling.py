@@ -40,10 +40,10 @@ def measure(
     """One point, in this process: train `warmup + steps` steps and time the last `steps`."""
     import lightning as L
 
-    from phi3lit.allocator import keep_freed_memory
     from phi3lit.data import IGNORE_INDEX, ChatDataModule
-    from phi3lit.lora import LoraSpec
-    from phi3lit.model import Phi3LoRA
+    from phi3lit.model.lora import LoraSpec
+    from phi3lit.model.module import Phi3LoRA
+    from phi3lit.run.allocator import keep_freed_memory
 
     if allocator == "keep":  # what the CLI does by default, before any weights are allocated
         keep_freed_memory()
@@ -66,7 +66,7 @@ def measure(
     # Without --attn no option is passed: the point measures phi3lit's defaults.
     options = {"attn_implementation": attn} if attn else {}
     lora = LoraSpec(r=rank, alpha=2 * rank, dropout=0.05)
-    module = Phi3LoRA(pretrained=model_dir, lora=lora, max_length=seq_len, **options)
+    module = Phi3LoRA(pretrained=model_dir, lora=lora, **options)
     dm = ChatDataModule(bench.data_path(), val_fraction=0.0, tokenizer=model_dir, max_length=seq_len, batch_size=rows)
     trainer = L.Trainer(accelerator="cpu", precision="32-true", max_steps=steps + warmup, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -109,7 +109,7 @@ def main() -> int:
     if any(n <= 0 or slots % n for n in [*args.lengths, LENGTH_AT]):  # else steps would not hold the same tokens
         parser.error(f"--lengths (and the rank sweep's {LENGTH_AT}) must divide --tokens_per_step {slots}")
 
-    from phi3lit.tiny import cache_root
+    from phi3lit.hub import cache_root
 
     model_dir = bench.build_model(cache_root() / "bench-phi3")  # the same model folder run.py uses
     points = [("seq_len", n, RANK_AT) for n in args.lengths] + [("rank", LENGTH_AT, r) for r in args.ranks]

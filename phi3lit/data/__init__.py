@@ -9,19 +9,19 @@
 - `module.py`: `ChatDataModule`, which ties them together for Lightning
 - `inspection.py`: `describe` and `render_trained`, for `python -m phi3lit data`
 
-Which positions are trained is defined once, in `phi3lit.loss` (`IGNORE_INDEX`, `loss_index`).
+Which positions are trained is defined once, in `phi3lit.data.labels` (`IGNORE_INDEX`, `loss_index`).
 """
 
 from phi3lit.data.cache import cache_key, conversations_digest, tokenizer_fingerprint
 from phi3lit.data.chat import Tokenized, encode_chat, prompt_of, reference_of, tokenize_chat, tokenize_example
 from phi3lit.data.formats import BAD_KINDS, LAYOUTS, ROLES, check_messages, check_policy, detect_format, to_messages
 from phi3lit.data.inspection import describe, render_trained
+from phi3lit.data.labels import IGNORE_INDEX, loss_index
 from phi3lit.data.loader import PackedRows, ResumableLoader, ResumableSampler
 from phi3lit.data.module import ChatDataModule
 from phi3lit.data.pack import collate, left_pad, pack_rows
 from phi3lit.data.read import Conversations, load_conversations, read_conversations
 from phi3lit.errors import BadExample, DataError
-from phi3lit.loss import IGNORE_INDEX, loss_index
 
 __all__ = [
     "BAD_KINDS", "IGNORE_INDEX", "LAYOUTS", "ROLES", "BadExample", "ChatDataModule", "Conversations", "DataError",

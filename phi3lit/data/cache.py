@@ -25,11 +25,17 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.data.chat import tokenize_example
+from phi3lit.data.labels import IGNORE_INDEX
 from phi3lit.errors import EnvironmentProblem
-from phi3lit.loss import IGNORE_INDEX
 
 # Every module whose code can change a cached row (its ids, labels, lengths or outcome): the key hashes them all.
-ID_MODULES = ("phi3lit.data.formats", "phi3lit.data.read", "phi3lit.data.chat", "phi3lit.data.cache", "phi3lit.loss")
+ID_MODULES = (
+    "phi3lit.data.formats",
+    "phi3lit.data.read",
+    "phi3lit.data.chat",
+    "phi3lit.data.cache",
+    "phi3lit.data.labels",
+)
 
 
 # Init kwargs that say where a tokenizer was loaded from, not how it tokenizes: left out of its fingerprint so that

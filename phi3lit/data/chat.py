@@ -27,8 +27,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
+from phi3lit.data.labels import IGNORE_INDEX
 from phi3lit.errors import ConfigError, DataError
-from phi3lit.loss import IGNORE_INDEX
 
 # Outcomes of `tokenize_example`; the ones not kept are counted under these names in the stats.
 KEPT, TRUNCATED, DROPPED, TOO_LONG, NO_REPLY = "kept", "truncated", "dropped", "too_long", "no_reply"

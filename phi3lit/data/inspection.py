@@ -7,8 +7,8 @@ import itertools
 from collections.abc import Sequence
 
 from phi3lit.data.chat import TRUNCATED
+from phi3lit.data.labels import IGNORE_INDEX
 from phi3lit.errors import DataError
-from phi3lit.loss import IGNORE_INDEX
 
 
 def _percentile(sorted_values: Sequence[int], p: float) -> int:

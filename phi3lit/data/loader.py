@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from phi3lit.data.labels import IGNORE_INDEX
 from phi3lit.lightning_compat import batches_processed
-from phi3lit.loss import IGNORE_INDEX
 
 
 def _deal(indices: list[int], num_replicas: int, rank: int, drop_last: bool = False) -> list[int]:

@@ -27,11 +27,12 @@ from phi3lit.data.loader import PackedRows, ResumableLoader, ResumableSampler, S
 from phi3lit.data.pack import collate, left_pad, pack_rows
 from phi3lit.data.read import Conversations, read_conversations
 from phi3lit.errors import CheckpointError, ConfigError, DataError, missing_model
-from phi3lit.tiny import cache_root, resolve_pretrained
+from phi3lit.hub import cache_root, resolve_pretrained
+from phi3lit.savedrun import data_fingerprint_settings
 
 # Settings that decide which conversations train and validate, and in what order, kept in checkpoints to compare
-# on resume. Not batch_size (a resume may change it) nor anything the data digests already cover.
-_FINGERPRINT_SETTINGS = ("seed", "val_fraction", "val_file", "max_length", "train_on", "truncation", "format")
+# on resume: the data ones of phi3lit.savedrun.RUN_DEFINING, less where the data is read from (digested instead).
+_FINGERPRINT_SETTINGS = data_fingerprint_settings()
 
 
 def _data_digest(conversations: Sequence) -> str:

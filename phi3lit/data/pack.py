@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from phi3lit.loss import IGNORE_INDEX, loss_index
+from phi3lit.data.labels import IGNORE_INDEX, loss_index
 
 
 def pack_rows(lengths: Sequence[int], max_length: int, order: Sequence[int] | None = None) -> list[list[int]]:
@@ -58,7 +58,7 @@ def collate(rows: Sequence[Sequence[dict[str, list[int]]]], pad_id: int = 0, mul
     Positions restart at 0 for each conversation; the padding tail is one more run of positions, so
     it is its own block in the block-causal mask and never attended to by real tokens. `cu_seq_lens` holds
     the same blocks as cumulative offsets over the flattened rows (int32, what varlen attention kernels take),
-    `doc_offsets` the same as a list (for `phi3lit.attention`; a list stays on the host when Lightning moves
+    `doc_offsets` the same as a list (for `phi3lit.model.attention`; a list stays on the host when Lightning moves
     the batch to a GPU, so reading it never waits for the device) and `max_seq_len` the longest block.
     `loss_index` lists the flat positions whose next token is trained, so the model picks them with
     `index_select` instead of a boolean mask (whose size a GPU would have to report to the host). Two

@@ -1,4 +1,4 @@
-"""The files around an adapter's tensors: reading a saved adapter's config, writing exports, the split form.
+"""The files around an adapter's tensors: writing exports, the split form (reading one: `phi3lit.model.adapter`).
 
 Every export carries the base's own tokenizer files byte for byte (llama.cpp's converter needs Phi-3's
 sentencepiece `tokenizer.model`, which `save_pretrained` in transformers 5 no longer writes), the base's public name
@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from phi3lit.errors import ConfigError
-from phi3lit.lora import FUSED, LoraSpec, peft_config, resolve_targets, slice_rows
+from phi3lit.model.lora import FUSED, resolve_targets, slice_rows
 
 # A split export's base_model_name_or_path: its base/ folder, relative so that the folder can be moved. "./" is
 # never a hub id, so no client can mistake it for a model to download.
@@ -33,64 +33,13 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 
 
-def read_adapter_config(folder: str, key: str) -> dict:
-    """A peft adapter folder's adapter_config.json, or a one-line error naming `key` and what is wrong."""
-    config = Path(folder) / "adapter_config.json"
-    if not Path(folder).is_dir():
-        raise ConfigError(f"{key} {folder}: no such folder (a run's adapter is at <run>/adapter)")
-    if not config.is_file():
-        raise ConfigError(f"{key} {folder}: no adapter_config.json there; is it a peft adapter folder?")
-    try:
-        cfg = json.loads(config.read_text())
-        cfg["base_model_name_or_path"]  # noqa: B018 (every peft adapter config has it)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{config}: not a peft adapter config ({type(e).__name__}: {e})") from None
-    if not (Path(folder) / "adapter_model.safetensors").is_file():
-        raise ConfigError(f"{key} {folder}: no adapter_model.safetensors there")
-    name = cfg["base_model_name_or_path"]
-    if isinstance(name, str) and name.startswith(("./", "../")):  # relative to the adapter folder (split export)
-        base = Path(folder) / name
-        if base.is_symlink() or not base.is_dir():  # a link there was not made by phi3lit: not followed
-            raise ConfigError(f"{config}: base_model_name_or_path {name!r} is not a folder beside the adapter "
-                              f"({base}); move the whole export folder, base/ included")  # fmt: skip
-        cfg["base_model_name_or_path"] = str(base.resolve())
-    return cfg
-
-
-def check_adapter_matches(saved, spec: LoraSpec, where: str) -> None:
-    """A saved adapter's peft config must be the one `spec` describes, or its slice masks would be wrong."""
-    expected = peft_config(spec)
-    fields = {
-        "r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-        "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern", "use_rslora": "use_rslora",
-        "use_dora": "use_dora", "modules_to_save": "modules_to_save", "bias": "bias",
-    }  # fmt: skip
-    diffs = []
-    for field_name, key in fields.items():
-        a, b = getattr(saved, field_name), getattr(expected, field_name)
-        if isinstance(a, list | set | tuple) or isinstance(b, list | set | tuple):
-            a, b = sorted(a or []), sorted(b or [])
-        if key == "targets":  # the saved side names modules; the spec may name slices (q, v) of them
-            mismatch = a != b or saved.rank_pattern != expected.rank_pattern
-        else:
-            mismatch = (a or None) != (b or None) if isinstance(a, dict | list) else a != b
-        if mismatch:
-            diffs.append(f"{field_name}: adapter {a!r}, model.lora gives {b!r} (model.lora.{key})")
-    if diffs:
-        raise ConfigError(
-            f"model.adapter={where!r} was trained with other LoRA settings than model.lora: "
-            + "; ".join(diffs)
-            + ". Set model.lora to the adapter's settings (its run's config.yaml has them)."
-        )
-
-
 def public_base_name(pretrained: str) -> str:
     """What `base_model_name_or_path` should say: the hub id or the user's path, never phi3lit's cache folder.
 
     `builtin:tiny-phi3` stays as it is (phi3lit's chat and predict resolve it); a relative local path becomes
     absolute so the adapter loads from any working directory.
     """
-    from phi3lit.tiny import BUILTIN_PREFIX
+    from phi3lit.hub import BUILTIN_PREFIX
 
     if pretrained.startswith(BUILTIN_PREFIX):
         return pretrained
@@ -100,7 +49,7 @@ def public_base_name(pretrained: str) -> str:
 
 
 def _resolve(pretrained: str) -> str:
-    from phi3lit.tiny import resolve_pretrained
+    from phi3lit.hub import resolve_pretrained
 
     return resolve_pretrained(pretrained)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from phi3lit.adapter_files import read_adapter_config
 from phi3lit.data.pack import left_pad
 from phi3lit.errors import ConfigError, missing_model
-from phi3lit.generate import generate_ids
-from phi3lit.tiny import resolve_pretrained
+from phi3lit.hub import resolve_pretrained
+from phi3lit.model.adapter import read_adapter_config
+from phi3lit.model.generate import generate_ids
 
 
 def load(adapter: str | None, model: str | None):

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from phi3lit.adapter_files import copy_tokenizer_files, public_base_name, set_base_name, split_adapter
 from phi3lit.errors import ConfigError
+from phi3lit.export.adapter_files import copy_tokenizer_files, public_base_name, set_base_name, split_adapter
 
 CLIENTS = ("peft", "vllm", "llama.cpp")
 VLLM_DEFAULT_MAX_LORA_RANK = 16

@@ -31,7 +31,9 @@ from typing import Literal
 
 import torch
 
-from phi3lit.adapter_files import (
+from phi3lit.checkpoint import read_checkpoint
+from phi3lit.errors import ConfigError
+from phi3lit.export.adapter_files import (
     SPLIT_BASE,
     TOKENIZER_FILES,
     copy_tokenizer_files,
@@ -43,10 +45,8 @@ from phi3lit.adapter_files import (
     write_card,
     write_merged_card,
 )
-from phi3lit.checkpoint import read_checkpoint
-from phi3lit.clients import CLIENTS, format_report, preflight_adapter, preflight_merged, refuse_if, write_adapter
-from phi3lit.errors import ConfigError
-from phi3lit.lora import untie_for_merge
+from phi3lit.export.clients import CLIENTS, format_report, preflight_adapter, preflight_merged, refuse_if, write_adapter
+from phi3lit.model.lora import untie_for_merge
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Target = Literal["any", "peft", "vllm", "llama.cpp"]
@@ -147,7 +147,7 @@ def load_module(path: Path):
     base weight is "missing" and Lightning warns about all of them. `Phi3LoRA.on_load_checkpoint` raises when a
     trainable tensor is missing, so only that warning is dropped; unexpected keys are still reported.
     """
-    from phi3lit.model import Phi3LoRA
+    from phi3lit.model.module import Phi3LoRA
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")

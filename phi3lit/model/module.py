@@ -8,9 +8,9 @@ per-batch means" weights tokens unevenly. phi3lit instead makes every optimizer 
 which is what one big batch would give. `training_step` returns the *summed* token loss of its
 micro-batch; Lightning divides it by `accumulate_grad_batches` and DDP averages over ranks, so in
 `on_before_optimizer_step` (after the last backward, before clipping) the gradients are multiplied by
-`accumulate_grad_batches * world_size / trained_tokens_of_step` (times `max_length`: the summed loss is
-backpropagated in units of one full row, which keeps fp16 loss scaling in range). The token count is all-reduced once
-per optimizer step, not per micro-batch.
+`accumulate_grad_batches * world_size / trained_tokens_of_step` (times `LOSS_UNIT_TOKENS`: the summed loss is
+backpropagated in units of that many tokens, which keeps fp16 loss scaling in range). The token count is
+all-reduced once per optimizer step, not per micro-batch.
 
 The module never moves tensors between devices or casts for precision: the Trainer owns both.
 Checkpoints hold only the trainable (LoRA) tensors; the frozen base is reloaded from `pretrained`.
@@ -29,16 +29,17 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
-from phi3lit.adapter_files import check_adapter_matches, read_adapter_config
-from phi3lit.attention import document_kwargs  # importing it registers the sdpa_docs attention
 from phi3lit.checkpoint import rng_states, set_rng_states
-from phi3lit.deltas import lora_delta_norms
+from phi3lit.data.labels import loss_index
 from phi3lit.errors import CheckpointError, ConfigError, EnvironmentProblem, missing_model
 from phi3lit.family import check_phi3
-from phi3lit.generate import generate_ids
-from phi3lit.guard import NonFiniteGuard
+from phi3lit.hub import resolve_pretrained
 from phi3lit.lightning_compat import logging_this_step
-from phi3lit.lora import (
+from phi3lit.model.adapter import check_adapter_matches, read_adapter_config
+from phi3lit.model.attention import document_kwargs  # importing it registers the sdpa_docs attention
+from phi3lit.model.generate import generate_ids
+from phi3lit.model.guard import NonFiniteGuard
+from phi3lit.model.lora import (
     LoraSpec,
     apply_lora,
     check_rank,
@@ -48,11 +49,13 @@ from phi3lit.lora import (
     lora_state_dict,
     trainable_by_module,
 )
-from phi3lit.loss import chunked_cross_entropy, loss_index
-from phi3lit.optim import WarmupCosine, default_optimizer, default_scheduler
-from phi3lit.quantization import quantization_config
-from phi3lit.rope import install_document_rope
-from phi3lit.tiny import resolve_pretrained
+from phi3lit.model.loss import chunked_cross_entropy
+from phi3lit.model.norms import lora_delta_norms
+from phi3lit.model.optim import WarmupCosine, default_optimizer, default_scheduler
+from phi3lit.model.quantization import quantization_config
+from phi3lit.model.rope import install_document_rope
+
+LOSS_UNIT_TOKENS = 1024  # the unit the summed loss is backpropagated in; a power of two, so undone exactly
 
 
 class Phi3LoRA(L.LightningModule):
@@ -65,7 +68,6 @@ class Phi3LoRA(L.LightningModule):
         torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
         attn_implementation: Literal["sdpa_docs", "sdpa", "eager", "flash_attention_2"] = "sdpa_docs",
         gradient_checkpointing: bool = False,
-        max_length: int = 1024,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable = default_scheduler,
         max_new_tokens: int = 64,
@@ -83,15 +85,14 @@ class Phi3LoRA(L.LightningModule):
                 `builtin:tiny-phi3`. The tokenizer is read from the same place.
             lora: LoRA rank, alpha, dropout and target modules.
             torch_dtype: dtype the frozen base weights are loaded in.
-            attn_implementation: `sdpa_docs` (phi3lit.attention): SDPA once per packed conversation, causal, no
+            attn_implementation: `sdpa_docs` (phi3lit.model.attention): SDPA once per packed conversation, causal, no
                 mask; `sdpa`/`eager`: transformers' kernels with a dense block-diagonal mask (references);
                 `flash_attention_2`: varlen flash-attn over the same conversations (CUDA).
             gradient_checkpointing: recompute activations in backward (non-reentrant) to save memory.
-            max_length: longest packed row; linked from `data.max_length`.
             optimizer: builds the optimizer over the trainable parameters; linked from the CLI's `optimizer:`
-                (default: fused AdamW, lr 2e-4; see phi3lit.optim).
+                (default: fused AdamW, lr 2e-4; see phi3lit.model.optim).
             lr_scheduler: builds the per-step schedule; linked from the CLI's `lr_scheduler:` (default: linear
-                warmup, then cosine decay, phi3lit.optim.WarmupCosine).
+                warmup, then cosine decay, phi3lit.model.optim.WarmupCosine).
             max_new_tokens: reply length limit for `predict`.
             adapter: a saved peft adapter folder to start from instead of fresh LoRA weights (e.g. to `predict`
                 or `test` with `<run>/adapter`); `lora` must then describe the same adapter.
@@ -103,7 +104,7 @@ class Phi3LoRA(L.LightningModule):
             quantization: `nf4` loads the frozen base in 4-bit NormalFloat with double quantization and bf16
                 compute (QLoRA; needs the `qlora` extra: bitsandbytes, CUDA).
             ce_chunk: compute the LM head and cross-entropy over this many trained positions at a time, with the
-                gradient taken in the same pass (phi3lit.loss), so at most `ce_chunk x vocab` fp32 logits exist at
+                gradient taken in the same pass (phi3lit.model.loss), so at most `ce_chunk x vocab` fp32 logits exist at
                 once and none are kept for backward (0: all logits at once, through autograd).
             compile: `torch.compile` each decoder layer (fuses norms, RoPE, SiLU and the LoRA adds; attention stays
                 eager because document offsets change every batch). The first steps pay the compile time.
@@ -143,9 +144,12 @@ class Phi3LoRA(L.LightningModule):
             raise ConfigError(f"model.pretrained={hp.pretrained!r}: not a Phi3ForCausalLM ({e})") from None
         check_phi3(config, hp.pretrained)  # before reading any weights
         check_rank(self.lora, config)  # before reading any weights too
-        if hp.max_length > config.max_position_embeddings:  # checked before reading any weights
+        # The one place both configs are in view: the trainer holds the data module (fit, validate, test, predict).
+        datamodule = getattr(self._trainer, "datamodule", None)
+        max_length = getattr(getattr(datamodule, "hparams", None), "max_length", None)
+        if max_length is not None and max_length > config.max_position_embeddings:  # before reading any weights
             raise ConfigError(
-                f"data.max_length={hp.max_length} exceeds the model's {config.max_position_embeddings} positions"
+                f"data.max_length={max_length} exceeds the model's {config.max_position_embeddings} positions"
             )
         base = AutoModelForCausalLM.from_pretrained(
             path,
@@ -249,10 +253,10 @@ class Phi3LoRA(L.LightningModule):
         self._step_sources += batch.get("sources", [])
         self._step_loss += loss_sum.detach()
         self._step_tokens += n
-        # Backpropagate the sum in units of one full row, so gradients have the size of a mean loss's: under fp16
-        # GradScaler a sum over thousands of tokens would overflow for many steps before the scale came down.
-        # Any constant is undone exactly in on_before_optimizer_step.
-        return loss_sum / self.hparams.max_length
+        # Backpropagate the sum in units of LOSS_UNIT_TOKENS, so gradients have about the size of a mean loss's:
+        # under fp16 GradScaler a sum over thousands of tokens would overflow for many steps before the scale came
+        # down. The constant is undone in on_before_optimizer_step (exactly: it is a power of two).
+        return loss_sum / LOSS_UNIT_TOKENS
 
     @property
     def _deepspeed(self) -> bool:
@@ -270,7 +274,7 @@ class Phi3LoRA(L.LightningModule):
             scaler.unscale_(optimizer)
         tokens = strategy.reduce(self._step_tokens.float(), reduce_op="sum").clamp_min(1)
         loss = strategy.reduce(self._step_loss, reduce_op="sum") / tokens
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size * self.hparams.max_length / tokens
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size * LOSS_UNIT_TOKENS / tokens
         for p in self.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale.to(p.grad.dtype))
@@ -280,7 +284,7 @@ class Phi3LoRA(L.LightningModule):
         if isinstance(strategy, FSDPStrategy):  # each rank holds a shard of every gradient: combine the squares
             norm = strategy.reduce(norm.float() ** 2, reduce_op="sum").sqrt()
         self._grad_norm = norm  # clipping (configure_gradient_clipping) uses it, so the norm is taken once
-        # Flags a NaN/inf step on the device and makes the optimizer skip it (phi3lit.guard: no host sync).
+        # Flags a NaN/inf step on the device and makes the optimizer skip it (phi3lit.model.guard: no host sync).
         self.guard.record(
             self.trainer.global_step, loss, norm, self._step_sources, optimizer, strategy, scaled=scaler is not None
         )

@@ -6,7 +6,7 @@ lr_scheduler=...)` as callables, so the module builds them over its trainable pa
 per optimizer step. The defaults (`DEFAULTS`, shown by `--print_config`) are phi3lit's recipe:
 
 * fused AdamW: one kernel for the whole update, and it honours `found_inf`, which is how a NaN/inf step is skipped
-  on the device without a host sync (see `phi3lit.guard`);
+  on the device without a host sync (see `phi3lit.model.guard`);
 * `WarmupCosine`: linear warmup from 0, then cosine decay to `min_lr_ratio` of the peak on the last step. The
   Phi-3 model card's recipe is warmup_ratio 0.2 and decay to 0.
 """
@@ -27,7 +27,7 @@ DEFAULTS = {
         "init_args": {"lr": 2e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "fused": True},
     },
     "lr_scheduler": {
-        "class_path": "phi3lit.optim.WarmupCosine",
+        "class_path": "phi3lit.model.optim.WarmupCosine",
         "init_args": {"warmup_steps": 0, "warmup_ratio": 0.0, "min_lr_ratio": 0.1},
     },
 }

@@ -10,7 +10,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.errors import ConfigError, EnvironmentProblem
-from phi3lit.lora import resolve_targets
+from phi3lit.model.lora import resolve_targets
 
 
 def check_values(config) -> None:
@@ -66,6 +66,14 @@ def check_strategy(config) -> None:
     if not sharded:
         return
     name = "FSDP" if "fsdp" in strategy else "DeepSpeed"
+    plugins = config.trainer.plugins
+    plugins = plugins if isinstance(plugins, list) else [plugins]
+    if any("AtomicCheckpointIO" in str(getattr(p, "class_path", p)) for p in plugins):
+        raise ConfigError(
+            f"trainer.plugins: phi3lit.checkpoint.AtomicCheckpointIO writes one local file per checkpoint; {name} "
+            "writes its own sharded checkpoints with its own IO: set trainer.plugins null (the configs/strategy "
+            "overlays do)"
+        )
     sliced = [m for m, s in resolve_targets(config.model.lora.targets).items() if s is not None]
     if sliced:
         raise ConfigError(

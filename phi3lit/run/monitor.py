@@ -24,10 +24,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from phi3lit.events import read_scalars
+from phi3lit.data.labels import IGNORE_INDEX
+from phi3lit.hub import cache_root
 from phi3lit.lightning_compat import accumulating, logging_this_step
-from phi3lit.loss import IGNORE_INDEX
-from phi3lit.tiny import cache_root
+from phi3lit.run.events import read_scalars
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.25) -> float:
@@ -158,7 +158,7 @@ class TrainMonitor(L.Callback):
         labels, positions = batch["labels"], batch["position_ids"]
         real = batch.get("real_tokens")
         self.real += int(real) if real is not None else labels.numel()
-        index = batch.get("loss_index")  # the trained positions (phi3lit.loss), found by collate
+        index = batch.get("loss_index")  # the trained positions (phi3lit.model.loss), found by collate
         self.trained += index.numel() if index is not None else int((labels[:, 1:] != IGNORE_INDEX).sum())
         self.slots += labels.numel()
         self.attn_ctx += (positions + 1).sum()
@@ -217,6 +217,23 @@ class TrainMonitor(L.Callback):
             logger.save()
         if self.plot and trainer.is_global_zero:
             plot_curves(trainer)
+
+
+class RunTensorBoard(TensorBoardLogger):
+    """TensorBoard in the run folder, `<run>/tb/`, without Lightning's version_N subfolders (a run folder holds one
+    run), and no hp_metric curve (the HPARAMS tab gets the hp/* metrics instead).
+
+    The default logger of `fit` (`fit --print_config` shows it); any other logger replaces it in the config.
+    Its one argument has a name no other logger uses, so that switching `trainer.logger` to another class carries
+    none of its settings over (jsonargparse keeps the init args the new class shares with the old one).
+    """
+
+    def __init__(self, run_dir: str | None = None):
+        """
+        Args:
+            run_dir: the run folder, which receives `tb/`; null: trainer.default_root_dir (the CLI fills it in).
+        """
+        super().__init__(run_dir or os.getcwd(), name="tb", version="", default_hp_metric=False)
 
 
 def tensorboard_logger(trainer) -> TensorBoardLogger | None:

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.errors import EnvironmentProblem
 from phi3lit.lightning_compat import accumulating, last_checkpoint_written
-from phi3lit.runfolder import training_started
+from phi3lit.run.runfolder import training_started
 
 
 class RunGuard(L.Callback):

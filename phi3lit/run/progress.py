@@ -13,9 +13,9 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
-from phi3lit.callbacks import SaveAdapter
-from phi3lit.monitor import tensorboard_logger
-from phi3lit.runguard import resume_command, was_preempted
+from phi3lit.run.callbacks import AdapterWriter
+from phi3lit.run.monitor import tensorboard_logger
+from phi3lit.run.preemption import resume_command, was_preempted
 
 
 class ProgressLog(L.Callback):
@@ -87,7 +87,7 @@ class ProgressLog(L.Callback):
             best_step, best = min(self.val_losses, key=lambda x: x[1])
             lines.append(f"  val loss    best {best:.4f} (step {best_step}), final {self.val_losses[-1][1]:.4f}")
         lines.append(f"  wall time   {_duration(time.perf_counter() - self.start)}")
-        adapter = next((cb for cb in trainer.callbacks if isinstance(cb, SaveAdapter)), None)  # where it wrote
+        adapter = next((cb for cb in trainer.callbacks if isinstance(cb, AdapterWriter)), None)  # where it wrote
         tensorboard = tensorboard_logger(trainer)
         if trainer.checkpoint_callback:
             lines.append(f"  checkpoints {trainer.checkpoint_callback.dirpath}")

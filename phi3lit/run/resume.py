@@ -15,6 +15,8 @@ and the run folder keeps the original `config.yaml` plus one `config-resume-N.ya
 
 from __future__ import annotations
 
+from phi3lit.savedrun import RUN_DEFINING  # the settings a resume may not change: one list, there
+
 NO_EFFECT = {  # key prefixes restored from the checkpoint's optimizer and scheduler state
     "optimizer.": "the optimizer and its settings (lr, betas, weight decay) are restored from the checkpoint",
     "lr_scheduler.": "the schedule and its settings are restored from the checkpoint",
@@ -25,13 +27,10 @@ def _no_effect(key: str) -> str | None:
     return next((why for prefix, why in NO_EFFECT.items() if key.startswith(prefix)), None)
 
 
-CHANGES_THE_RUN = (  # prefixes: a base model or data other than the one the first steps trained on
-    "model.pretrained", "model.torch_dtype", "model.quantization", "model.lora.", "model.adapter", "data.train_file",
-    "data.val_file", "data.val_fraction", "data.test_file", "data.split", "data.val_split", "data.tokenizer",
-    "data.max_length", "data.train_on", "data.seed", "data.format", "data.hub_config", "data.on_bad_example",
-    "data.truncation", "model.max_length", "seed_everything", "trainer.accumulate_grad_batches",
+IGNORED = (  # where the run folder is, and what follows from it: a moved folder resumes without a word
+    "ckpt_path", "accept_changes", "config", "__path__", "trainer.default_root_dir", "checkpoint.dirpath",
+    "trainer.logger.init_args.run_dir",
 )  # fmt: skip
-IGNORED = ("ckpt_path", "accept_changes", "config", "__path__", "trainer.default_root_dir", "checkpoint.dirpath")
 
 
 def flat_config(config) -> dict[str, object]:
@@ -52,7 +51,7 @@ def resume_diff(saved: dict, current: dict) -> list[tuple[str, object, object, s
         old, new = saved.get(key), current.get(key)
         if old == new:
             continue
-        refused = _no_effect(key) is not None or key.startswith(CHANGES_THE_RUN)
+        refused = _no_effect(key) is not None or key.startswith(RUN_DEFINING)
         out.append((key, old, new, "refused" if refused else "effective"))
     return out
 

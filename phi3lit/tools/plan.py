@@ -25,8 +25,8 @@ import torch
 
 from phi3lit.errors import ConfigError, missing_model
 from phi3lit.family import FAMILY, check_phi3, member, phi3_config
-from phi3lit.lora import LoraSpec, apply_lora, effective_trainable, trainable_by_module
-from phi3lit.tiny import resolve_pretrained
+from phi3lit.hub import resolve_pretrained
+from phi3lit.model.lora import LoraSpec, apply_lora, effective_trainable, trainable_by_module
 
 # The Phi-3 family's architectures (their config.json values, cited in phi3lit.family), so planning needs no
 # download: the hub ids in phi3lit.family.FAMILY are built offline, anything else is read with AutoConfig.

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from helpers import ROOT
 
-from phi3lit.commands import main
+from phi3lit.__main__ import main
 from phi3lit.tiny import TINY_DATA
 
 TINY = str(ROOT / "configs" / "tiny.yaml")

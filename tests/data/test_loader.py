@@ -13,7 +13,7 @@ import torch
 from helpers import ROOT
 from probes import probe_arg, read_probe
 
-from phi3lit.commands import main
+from phi3lit.__main__ import main
 from phi3lit.tiny import TINY_DATA
 
 TINY = str(ROOT / "configs" / "tiny.yaml")

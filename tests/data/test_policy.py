@@ -204,7 +204,7 @@ def test_sharegpt_policy_messages_name_the_turn_in_the_file(tmp_path):
 def test_cli_stops_on_a_bad_example_with_its_location(tmp_path, capsys):
     from helpers import ROOT
 
-    from phi3lit.commands import main
+    from phi3lit.__main__ import main
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [*GOOD, BAD["empty_reply"][0]])
     with pytest.raises(SystemExit) as e:

@@ -32,7 +32,8 @@ def load(name):
     from transformers import AutoTokenizer, LlamaTokenizer
 
     if name == "tiny":
-        from phi3lit.tiny import TINY_NAME, resolve_pretrained
+        from phi3lit.hub import resolve_pretrained
+        from phi3lit.tiny import TINY_NAME
 
         return AutoTokenizer.from_pretrained(resolve_pretrained(TINY_NAME))
     return (AutoTokenizer if name == "real" else LlamaTokenizer).from_pretrained(REAL_TOKENIZER)

@@ -14,7 +14,7 @@ import time
 import pytest
 from helpers import ROOT, TINY
 
-from phi3lit.commands import main
+from phi3lit.__main__ import main
 from phi3lit.data.chat import _tokenize_whole, bound_messages, longest_token_chars, tokenize_example
 
 

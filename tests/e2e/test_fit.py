@@ -7,8 +7,8 @@ import torch
 from helpers import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from phi3lit.commands import main
-from phi3lit.model import Phi3LoRA
+from phi3lit.__main__ import main
+from phi3lit.model.module import Phi3LoRA
 from phi3lit.tiny import TINY_DATA
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -129,7 +129,17 @@ def test_predict_from_adapter_folder_and_merged_model(run_dir, tmp_path):
     prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 2 + 3?"}]}) + "\n")
     base = ["predict", "--config", TINY, "--data.predict_file", str(prompts), "--model.max_new_tokens", "8"]
     main([*base, "--trainer.default_root_dir", str(tmp_path / "a"), "--model.adapter", str(run_dir / "adapter")])
-    main(["export", "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "merged"), "--merge"])
+    main(
+        [
+            "export",
+            "--ckpt",
+            str(run_dir / "checkpoints" / "last.ckpt"),
+            "--out",
+            str(tmp_path / "merged"),
+            "--merge",
+            "true",
+        ]
+    )
     main([*base, "--trainer.default_root_dir", str(tmp_path / "m"), "--model.pretrained", str(tmp_path / "merged")])
     main(
         [

@@ -1,6 +1,6 @@
 """GPU-only paths, prepared for a machine with CUDA (skipped here: CI and the dev machines have no GPU).
 
-Run on a GPU box with `python -m pytest -m gpu tests/test_gpu.py` (QLoRA needs `pip install 'phi3lit[qlora]'`,
+Run on a GPU box with `python -m pytest -m gpu tests/e2e/test_gpu.py` (QLoRA needs `pip install 'phi3lit[qlora]'`,
 DeepSpeed `pip install 'phi3lit[deepspeed]'`). Each fits the tiny model for a few steps through the real CLI.
 """
 
@@ -37,7 +37,7 @@ def test_qlora_trains_and_merges_onto_bf16(tmp_path):
     fit(tmp_path, "--model.quantization", "nf4", "--model.torch_dtype", "bfloat16", "--trainer.precision", "bf16-mixed")
     out = tmp_path / "merged"
     cmd = [sys.executable, "-m", "phi3lit", "export", "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt"),
-           "--out", str(out), "--merge", "--dtype", "bf16"]  # fmt: skip
+           "--out", str(out), "--merge", "true", "--dtype", "bf16"]  # fmt: skip
     assert subprocess.run(cmd, cwd=ROOT, timeout=600).returncode == 0
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +73,7 @@ def test_flash_attention_varlen_isolates_documents_across_rows():
                         num_key_value_heads=4, vocab_size=100, pad_token_id=0, sliding_window=None)  # fmt: skip
     model = Phi3ForCausalLM(config).to("cuda", torch.bfloat16)
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed_batch([[30, 50], [20, 41]], 100).items()}
-    from phi3lit.model import Phi3LoRA
+    from phi3lit.model.module import Phi3LoRA
 
     outs = {}
     for impl in ("sdpa", "flash_attention_2"):

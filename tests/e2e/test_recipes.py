@@ -1,10 +1,10 @@
 """The recipe matrix: every shipped config runs as users run it, and every setting has its observable effect.
 
-Each case is `phi3lit fit --config configs/X.yaml [overlay]` through the CLI's entry point (in this process; the
-DDP case as a command, since Lightning starts its second rank by re-running the command line), shrunk only in model
-(`model.pretrained` -> the built-in tiny Phi-3), data (small local files instead of the hub dataset) and length
-(`max_steps`, `max_length`, validation interval). Everything else, precision, clipping, checkpointing, LoRA,
-optimizer, stays as shipped. A probe callback (tests/probes.py, added with `--trainer.callbacks+=` as a user adds
+Each case is `phi3lit fit --config configs/X.yaml [--config overlay ...]` through the CLI's entry point (in this
+process; the DDP case as a command, since Lightning starts its second rank by re-running the command line), shrunk
+only in model (`model.pretrained` -> the built-in tiny Phi-3), data (small local files instead of the hub dataset)
+and length (`max_steps`, `max_length`, validation interval). Everything else, precision, clipping, checkpointing,
+LoRA, optimizer, stays as shipped. A probe callback (tests/probes.py, added with `--trainer.callbacks+=` as a user adds
 theirs) records what each step actually did, and the test asserts the effect of each setting: layers recomputed
 and activation bytes saved (gradient checkpointing), the dtype the matmuls ran in (precision), gradient norm
 after clipping (gradient_clip_val), train mode (dropout), and that the run trained (the adapter moved).
@@ -27,10 +27,13 @@ from probes import probe_arg, read_probe
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from phi3lit.commands import main
+from phi3lit.__main__ import main
 from phi3lit.tiny import TINY_DATA
 
-CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+# A shipped run, as the docs launch it: tiny.yaml alone, or the recipe with one model overlay ("a.yaml+b.yaml").
+MODELS = sorted(p.name for p in (ROOT / "configs" / "models").glob("*.yaml"))
+CONFIGS = ["tiny.yaml", *(f"recipe.yaml+models/{m}" for m in MODELS)]
+FLAGSHIP = "recipe.yaml+models/phi3-mini-4k.yaml"
 LAYERS = 2  # the tiny model's decoder layers
 
 
@@ -46,9 +49,8 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 
 def shrink(config: str, data: tuple[Path, Path], root: Path) -> list[str]:
     """Only model, data and length change; the shipped values of everything else are what is tested."""
-    shipped = yaml.safe_load((ROOT / "configs" / config).read_text())
     words = ["--data.train_file", str(data[0]), "--trainer.default_root_dir", str(root)]
-    if shipped["model"]["pretrained"] != "builtin:tiny-phi3":
+    if shipped(config)["model"]["pretrained"] != "builtin:tiny-phi3":
         words += ["--model.pretrained", "builtin:tiny-phi3", "--data.val_file", str(data[1])]
         words += ["--data.max_length", "256", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2"]
     return [*words, "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false", "--samples.prompts", "[]"]
@@ -61,7 +63,7 @@ def fit(config: str, data, root: Path, *extra: str, config_files: tuple[str, ...
 def fit_with_output(config: str, data, root: Path, *extra: str, config_files: tuple[str, ...] = ()):
     """Run the fit; return the probe's records and what the run printed, logged and warned."""
     probe = root.parent / f"{root.name}.probe.jsonl"
-    configs = [w for c in (config, *config_files) for w in ("--config", str(ROOT / "configs" / c))]
+    configs = [w for c in (*config.split("+"), *config_files) for w in ("--config", str(ROOT / "configs" / c))]
     args = ["fit", *configs, *shrink(config, data, root), *extra, *probe_arg("TrainingStepFacts", probe)]
     if "strategy/ddp.yaml" in config_files:  # Lightning's launcher re-runs the command line for rank 1
         env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
@@ -81,7 +83,12 @@ def adapter_moved(root: Path) -> bool:
 
 
 def shipped(config: str) -> dict:
-    return yaml.safe_load((ROOT / "configs" / config).read_text())
+    """The config the files of `config` ("a.yaml+b.yaml") compose to, later files over earlier ones."""
+    merged: dict = {}
+    for name in config.split("+"):
+        for key, value in yaml.safe_load((ROOT / "configs" / name).read_text()).items():
+            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
 
 
 def needs(config: str, overlay: str | None = None):
@@ -92,7 +99,7 @@ def needs(config: str, overlay: str | None = None):
 
 # Overlays that run on a CPU, with their extra words: DDP on 2 processes (gloo), QLoRA (bitsandbytes quantizes on CPU).
 OVERLAYS = {"strategy/ddp.yaml": ["--trainer.devices", "2"], "quantization/qlora.yaml": []}
-CASES = [(c, None) for c in CONFIGS] + [("phi3-mini-4k-lora.yaml", overlay) for overlay in OVERLAYS]
+CASES = [(c, None) for c in CONFIGS] + [(FLAGSHIP, overlay) for overlay in OVERLAYS]
 
 
 @pytest.mark.parametrize("config, overlay", CASES, ids=[f"{c}+{o}" if o else c for c, o in CASES])
@@ -134,11 +141,11 @@ def test_every_shipped_config_runs_as_shipped_and_each_setting_takes_effect(conf
 def test_gpu_only_strategies_say_so_on_a_cpu(fragment, data, tmp_path, capsys):
     """The overlays that cannot run here fail before loading anything, with one line naming what they need."""
     if "deepspeed" in fragment and importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("deepspeed is installed here: the GPU checks in tests/test_gpu.py cover it")
+        pytest.skip("deepspeed is installed here: the GPU checks in tests/e2e/test_gpu.py cover it")
     strategy = ["--config", str(ROOT / "configs" / "strategy" / fragment)]
-    args = ["fit", "--config", str(ROOT / "configs" / "phi3-mini-4k-lora.yaml")]
+    args = ["fit", *(w for c in FLAGSHIP.split("+") for w in ("--config", str(ROOT / "configs" / c)))]
     with pytest.raises(SystemExit) as e:
-        main([*args, *strategy, *shrink("phi3-mini-4k-lora.yaml", data, tmp_path / "run")])
+        main([*args, *strategy, *shrink(FLAGSHIP, data, tmp_path / "run")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert "phi3lit: environment error: trainer.strategy" in err  # FSDP: GPUs only; DeepSpeed: the extra
@@ -147,7 +154,7 @@ def test_gpu_only_strategies_say_so_on_a_cpu(fragment, data, tmp_path, capsys):
 
 def test_gradient_checkpointing_keeps_fewer_activations(data, tmp_path):
     """The flagship config's checkpointing setting, on and off at the same length: the saved bytes drop."""
-    config = "phi3-mini-4k-lora.yaml"
+    config = FLAGSHIP
     on = fit(config, data, tmp_path / "on")
     off = fit(config, data, tmp_path / "off", "--model.gradient_checkpointing", "false")
     assert sum(s["layer_forwards"]["backward"] for s in off) == 0
@@ -182,7 +189,7 @@ def test_fp16_mixed_with_a_real_grad_scaler_and_the_shipped_clipping(data, tmp_p
     run, the gradient norm is logged unscaled, and the weights train."""
     extra = ["--trainer.precision", "null", "--trainer.plugins", json.dumps(FP16_PLUGIN), "--trainer.max_steps", "4"]
     extra += ["--trainer.log_every_n_steps", "1", "--data.max_length", "128"]  # fp16 matmuls are slow on a CPU
-    steps = fit("phi3-mini-4k-lora.yaml", data, tmp_path / "run", *extra)
+    steps = fit(FLAGSHIP, data, tmp_path / "run", *extra)
     assert {d for s in steps for d in s["matmul_dtypes"]} == {"torch.float16"}
     acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
     acc.Reload()

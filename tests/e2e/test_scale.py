@@ -9,10 +9,10 @@ import torch
 from helpers import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from phi3lit.commands import main
+from phi3lit.__main__ import main
 from phi3lit.data import ChatDataModule
-from phi3lit.lora import LoraSpec
-from phi3lit.model import Phi3LoRA
+from phi3lit.model.lora import LoraSpec
+from phi3lit.model.module import Phi3LoRA
 from phi3lit.tiny import TINY_DATA
 
 

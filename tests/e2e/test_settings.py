@@ -12,7 +12,7 @@ from probes import probe_arg
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from phi3lit.commands import main
+from phi3lit.__main__ import main
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--samples.prompts", "[]", "--data.max_length", "128"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import TINY, run_main
 
-from phi3lit.clients import preflight_adapter
-from phi3lit.model import Phi3LoRA
+from phi3lit.export.clients import preflight_adapter
+from phi3lit.model.module import Phi3LoRA
 
 IDS = torch.tensor([[7, 20, 30, 40, 50, 60, 6, 3, 100, 200, 300, 400]])
 # Scales that differ between vLLM's per-module rule and a single global alpha / r: slices, rsLoRA, a rank pattern.
@@ -120,7 +120,7 @@ def test_split_export_can_be_moved(patterned, tmp_path, monkeypatch):
     (AutoPeftModelForCausalLM from inside it), by its model card's code, and in phi3lit's chat."""
     from peft import AutoPeftModelForCausalLM
 
-    from phi3lit.chat import load
+    from phi3lit.export.chat import load
 
     ckpt, expected, _ = patterned
     run_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "made"), "--layout", "split"])
@@ -145,7 +145,7 @@ def test_merged_export_has_a_model_card(patterned, tmp_path):
     """`export --merge` writes a card: what the folder is, the base, the LoRA settings, and transformers code that
     loads it (run here as written)."""
     ckpt, expected, _ = patterned
-    run_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path), "--merge"])
+    run_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path), "--merge", "true"])
     card = (tmp_path / "README.md").read_text()
     assert card.startswith("---\nbase_model: builtin:tiny-phi3\nlibrary_name: transformers\n"), card[:200]
     assert "merged" in card and "| steps | 6 " in card and "| LoRA targets | q, v, o, down |" in card

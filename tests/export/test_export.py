@@ -12,11 +12,12 @@ import pytest
 import torch
 from helpers import ROOT
 
-from phi3lit.adapter_files import TOKENIZER_FILES, copy_tokenizer_files, read_adapter_config, split_base
-from phi3lit.clients import preflight_adapter, refuse_if
-from phi3lit.commands import main
+from phi3lit.__main__ import main
 from phi3lit.errors import ConfigError
-from phi3lit.model import Phi3LoRA
+from phi3lit.export.adapter_files import TOKENIZER_FILES, copy_tokenizer_files, split_base
+from phi3lit.export.clients import preflight_adapter, refuse_if
+from phi3lit.model.adapter import read_adapter_config
+from phi3lit.model.module import Phi3LoRA
 from phi3lit.tiny import TINY_DATA
 
 IDS = torch.tensor([[7, 20, 30, 40, 50, 60, 6, 3, 100, 200, 300, 400]])
@@ -105,7 +106,7 @@ def test_merged_model_loads_without_peft(trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt, expected, _ = trained
-    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path), "--merge"])
+    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path), "--merge", "true"])
     assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert AutoTokenizer.from_pretrained(tmp_path).convert_tokens_to_ids("<|end|>") > 0
@@ -129,7 +130,7 @@ def apply_by_rule(base_path, adapter_dir, rule: str) -> torch.Tensor:
     llama.cpp: convert_lora_to_gguf.py keeps only the global lora_alpha; the runtime scales each tensor pair by
     alpha / (its rank) (llama_adapter_lora_weight::get_scale). vllm-global: vLLM releases before per-module
     patterns, one alpha / r from the global r (alpha / sqrt(r) with use_rslora) for every module. vLLM 0.34 applies
-    the patterns per module as peft does: that rule is tested in test_export_clients.py.
+    the patterns per module as peft does: that rule is tested in tests/export/test_clients.py.
     """
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -187,7 +188,7 @@ def test_preflight_names_vllm_rank_flag(trained, tmp_path, capsys):
 def test_modules_to_save_and_dora_are_refused_for_vllm_and_llama_cpp(tiny_path, tmp_path):
     from peft import get_peft_model
 
-    from phi3lit.lora import LoraSpec, peft_config
+    from phi3lit.model.lora import LoraSpec, peft_config
 
     for i, spec in enumerate([LoraSpec(targets=["o"], modules_to_save=["lm_head"]), LoraSpec(use_dora=True)]):
         get_peft_model(base_model(tiny_path), peft_config(spec)).save_pretrained(tmp_path / str(i))
@@ -211,7 +212,7 @@ def test_tokenizer_files_are_the_bases_bytes(trained, tiny_path, tmp_path):
     cmd = [sys.executable, "-m", "phi3lit", "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "adapter")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "merged"), "--merge"])
+    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "merged"), "--merge", "true"])
     for out in (tmp_path / "adapter", tmp_path / "merged"):
         for name in base_files:
             assert (out / name).read_bytes() == (Path(tiny_path) / name).read_bytes(), name
@@ -234,7 +235,7 @@ def test_sentencepiece_model_is_copied(tiny_path, tmp_path):
 
 def test_export_hygiene(trained, tmp_path):
     """Readable files, the public base name, a real model card, no warning about the frozen base weights."""
-    from phi3lit.chat import load
+    from phi3lit.export.chat import load
 
     ckpt, expected, _ = trained
     with warnings.catch_warnings(record=True) as caught:

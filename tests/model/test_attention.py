@@ -5,7 +5,7 @@ import torch
 from helpers import packed_batch
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from phi3lit import attention  # noqa: F401 (registers sdpa_docs)
+from phi3lit.model import attention  # noqa: F401 (registers sdpa_docs)
 
 
 def run(model: Phi3ForCausalLM, batch: dict, impl: str) -> tuple[torch.Tensor, dict]:
@@ -55,7 +55,7 @@ def test_without_offsets_it_is_plain_sdpa_and_offsets_matter():
 
 
 def test_generation_with_sdpa_docs_matches_sdpa(tiny_path, tiny_tokenizer):
-    from phi3lit.generate import generate_ids
+    from phi3lit.model.generate import generate_ids
 
     model = Phi3ForCausalLM.from_pretrained(tiny_path).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11]]  # different lengths: left padding and a padding mask

@@ -7,8 +7,8 @@ import torch
 from helpers import ROOT
 
 from phi3lit.data import tokenize_chat
-from phi3lit.generate import generate_ids, left_pad, stop_ids
-from phi3lit.model import Phi3LoRA
+from phi3lit.model.generate import generate_ids, left_pad, stop_ids
+from phi3lit.model.module import Phi3LoRA
 
 PROMPTS = [
     [{"role": "user", "content": "What is 12 + 30?"}],

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from phi3lit.lora import (
+from phi3lit.model.lora import (
     LoraSpec,
     apply_lora,
     effective_trainable,

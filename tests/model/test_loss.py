@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phi3lit.loss import chunked_cross_entropy
+from phi3lit.model.loss import chunked_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 7, 64, 1000])

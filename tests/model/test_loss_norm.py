@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from phi3lit.data import ChatDataModule
-from phi3lit.lora import LoraSpec
-from phi3lit.model import Phi3LoRA
+from phi3lit.model.lora import LoraSpec
+from phi3lit.model.module import Phi3LoRA
 from phi3lit.tiny import TINY_DATA
 
 

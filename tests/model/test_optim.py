@@ -11,10 +11,10 @@ import yaml
 from helpers import run_main
 from probes import probe_arg, read_probe
 
-from phi3lit.commands import main
-from phi3lit.optim import WarmupCosine
+from phi3lit.__main__ import main
+from phi3lit.model.optim import WarmupCosine
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from phi3lit.data import collate, tokenize_chat
-from phi3lit.lora import LoraSpec, apply_lora
-from phi3lit.model import Phi3LoRA
+from phi3lit.model.lora import LoraSpec, apply_lora
+from phi3lit.model.module import Phi3LoRA
 
 CONVS = [
     [{"role": "user", "content": "What is 12 + 7?"}, {"role": "assistant", "content": "12 + 7 = 19."}],

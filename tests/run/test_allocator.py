@@ -7,7 +7,7 @@ import pytest
 
 PROBE = """
 import sys, torch
-from phi3lit.allocator import keep_freed_memory
+from phi3lit.run.allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def rss_mb():

@@ -16,8 +16,8 @@ import pytest
 import torch
 from helpers import ROOT, explain
 
+from phi3lit.__main__ import main
 from phi3lit.checkpoint import atomic_torch_save
-from phi3lit.commands import main
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 STEPS = 12

@@ -5,8 +5,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from phi3lit.data import ChatDataModule, collate
-from phi3lit.lora import LoraSpec
-from phi3lit.model import Phi3LoRA
+from phi3lit.model.lora import LoraSpec
+from phi3lit.model.module import Phi3LoRA
 from phi3lit.tiny import TINY_DATA
 
 TRAIN_TAGS = [
@@ -109,7 +109,7 @@ def test_cpu_roof_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatc
     """The ~3 s matmul measurement runs on a machine's first fit; later fits read it; a raised roof replaces it."""
     import json
 
-    from phi3lit.monitor import cpu_roof
+    from phi3lit.run.monitor import cpu_roof
 
     monkeypatch.setenv("PHI3LIT_CACHE", str(tmp_path))
     rng = torch.get_rng_state()

@@ -12,7 +12,7 @@ import torch
 from helpers import TINY
 from probes import probe_arg, read_probe
 
-from phi3lit.commands import main
+from phi3lit.__main__ import main
 
 STEPS = 6
 

@@ -17,13 +17,13 @@ import pytest
 import yaml
 from helpers import ROOT, wait_until_unlocked
 
-from phi3lit import ablate as ablate_module
-from phi3lit.commands import main
+from phi3lit.__main__ import main
 from phi3lit.errors import ConfigError
-from phi3lit.events import read_scalars
-from phi3lit.sweep import effective_scale, fit_args, load_sweep, point_dir, points
-from phi3lit.sweep_summary import summary_figure
+from phi3lit.run.events import read_scalars
 from phi3lit.tiny import TINY_DATA
+from phi3lit.tools.sweep import ablate as ablate_module
+from phi3lit.tools.sweep.grid import effective_scale, fit_args, load_sweep, point_dir, points
+from phi3lit.tools.sweep.summary import summary_figure
 
 
 def hand_count(r, targets):  # tiny shape, 2 layers: see test_lora.py
@@ -82,7 +82,7 @@ def test_sweep_runs_summarizes_and_skips_finished_points(sweep_file):
 
 
 def test_list_names_every_point_in_order(sweep_file, tmp_path):
-    listed = ablate(sweep_file, "--list", "--root", tmp_path).stdout.strip().splitlines()
+    listed = ablate(sweep_file, "--list", "true", "--root", tmp_path).stdout.strip().splitlines()
     assert [line.split("\t") for line in listed] == [
         [str(i), p["name"], "pending"] for i, p in enumerate(points(load_sweep(sweep_file)))
     ]
@@ -106,7 +106,7 @@ def test_killed_sweep_completes_on_rerun_and_index_runs_that_point_alone(sweep_f
     rows = list(csv.DictReader((tmp_path / "mini" / "summary.csv").open()))
     assert rows[3]["status"] == "ok"
     assert [p.name for p in (tmp_path / "mini").iterdir() if p.is_dir()] == [names[3]]  # --index ran that one
-    listed = ablate(sweep_file, "--list", "--root", tmp_path).stdout.strip().splitlines()
+    listed = ablate(sweep_file, "--list", "true", "--root", tmp_path).stdout.strip().splitlines()
     assert [line.split("\t")[2] for line in listed] == ["pending", "pending", "pending", "ok"]
 
 
@@ -161,7 +161,7 @@ def test_bad_sweep_file_is_a_one_line_config_error(case, tmp_path):
     path = tmp_path / f"{case}.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as e:
-        ablate_module.main([str(path), "--list"])
+        ablate_module.ablate(str(path), list=True)
     message = str(e.value)
     assert "\n" not in message and message.startswith(str(path)) and expected in message, message
 
@@ -175,7 +175,7 @@ def test_missing_sweep_file_through_the_cli(tmp_path):
 
 
 def test_dry_run_prints_each_points_fit_command(sweep_file, tmp_path, capsys):
-    proc = ablate(sweep_file, "--dry-run", "--root", tmp_path)
+    proc = ablate(sweep_file, "--dry_run", "true", "--root", tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     spec = load_sweep(sweep_file)
     spec["root"] = str(tmp_path)
@@ -223,7 +223,7 @@ def test_alpha_rules_become_each_points_alpha(tmp_path):
     }  # fmt: skip
     path = tmp_path / "alpha.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))  # r first: the point names follow the grid's order
-    proc = ablate(path, "--dry-run")
+    proc = ablate(path, "--dry_run", "true")
     assert proc.returncode == 0, proc.stderr[-2000:]
     commands = {
         line.split()[2]: shlex.split(command)
@@ -263,9 +263,9 @@ def test_a_point_taken_by_another_worker_is_skipped_not_run(sweep_file, tmp_path
         assert f"{folder.name}: running in another process (pid 4242 on node7), skipped" in proc.stdout
         assert "0 ok, 0 failed of 1 (1 running in another process, skipped)" in proc.stdout
         assert not (folder / "fit.log").exists() and not (folder / "checkpoints").exists()
-        assert ablate(sweep_file, "--root", tmp_path, "--list").stdout.splitlines()[0].endswith("\trunning")
+        assert ablate(sweep_file, "--root", tmp_path, "--list", "true").stdout.splitlines()[0].endswith("\trunning")
     # The holder died without finishing: the lock is gone, the status still says running.
-    assert ablate(sweep_file, "--root", tmp_path, "--list").stdout.splitlines()[0].endswith("\tinterrupted")
+    assert ablate(sweep_file, "--root", tmp_path, "--list", "true").stdout.splitlines()[0].endswith("\tinterrupted")
 
 
 def test_a_fit_stopped_by_a_signal_is_not_marked_done(sweep_file, tmp_path):

@@ -16,13 +16,14 @@ import torch
 import yaml
 from helpers import ROOT, explain
 
-from phi3lit.ablate import main as ablate_main
-from phi3lit.analyze import main as analyze_main
-from phi3lit.commands import main
-from phi3lit.deltas import load_updates, lora_delta_norms, lowrank_svd, phi, subspace_similarity, update_metrics
+from phi3lit.__main__ import main
 from phi3lit.errors import ConfigError
-from phi3lit.stats import at_equal_tokens, seed_stats, t975
-from phi3lit.sweep import load_sweep, points
+from phi3lit.model.norms import lora_delta_norms
+from phi3lit.tools.analysis.analyze import analyze as analyze_folder
+from phi3lit.tools.analysis.deltas import load_updates, lowrank_svd, phi, subspace_similarity, update_metrics
+from phi3lit.tools.sweep.ablate import ablate
+from phi3lit.tools.sweep.grid import load_sweep, points
+from phi3lit.tools.sweep.stats import at_equal_tokens, seed_stats, t975
 
 
 def orthonormal_rows(n: int, d: int, seed: int) -> torch.Tensor:
@@ -144,7 +145,7 @@ def test_points_are_compared_at_equal_tokens_seen():
 def test_lora_delta_norms_on_a_tiny_peft_model(tiny_path, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from phi3lit.lora import LoraSpec, apply_lora, slice_rows
+    from phi3lit.model.lora import LoraSpec, apply_lora, slice_rows
 
     base = AutoModelForCausalLM.from_pretrained(tiny_path)
     model = apply_lora(base, LoraSpec(r=4, alpha=8, dropout=0.0, targets=["q", "v", "o"]))
@@ -201,7 +202,7 @@ def test_analyze_refuses_a_folder_without_adapters(tmp_path):
     assert missing.returncode == 2 and missing.stderr.strip().startswith("phi3lit: config error: analyze:")
     assert len(missing.stderr.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="no adapter here"):
-        analyze_main([str(tmp_path)])
+        analyze_folder(str(tmp_path))
 
 
 DAMAGE = {  # file in the run folder -> (bytes to write, or a change to adapter_config.json; what the line says)
@@ -277,9 +278,8 @@ def test_two_workers_run_a_2x2_seed_sweep_then_analyze(small_data, tmp_path):
     assert all(r["eq_tokens"] == r["tokens_seen"] == str(4 * 4 * 128) for r in runs.values())
     assert " ± " in (out / "summary.md").read_text() and (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
-    with pytest.raises(SystemExit) as e:
-        main(["analyze", str(out)])  # the command's entry point, in this process
-    assert e.value.code == 0 and torch.is_grad_enabled()  # it leaves the caller's autograd on
+    main(["analyze", str(out)])  # the command's entry point, in this process: returns on success
+    assert torch.is_grad_enabled()  # it leaves the caller's autograd on
     report = (out / "analysis" / "analysis.md").read_text()
     assert "r=4 vs r=8 (mean over seeds 0, 1)" in report and "r=8, seeds 0 vs 1" in report
     for figure in ("phi_ranks__all__r4_vs_r8", "phi_seeds__all__r4", "phi_seeds__all__r8"):
@@ -289,7 +289,7 @@ def test_two_workers_run_a_2x2_seed_sweep_then_analyze(small_data, tmp_path):
     from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from phi3lit.tiny import resolve_pretrained
+    from phi3lit.hub import resolve_pretrained
 
     run = out / names[2]  # r=8, seed 0
     tensors = load_file(run / "adapter" / "adapter_model.safetensors")
@@ -316,5 +316,5 @@ def test_two_workers_run_a_2x2_seed_sweep_then_analyze(small_data, tmp_path):
     assert {"analysis/spectrum", "analysis/modules"} <= set(images.Tags()["images"])
 
     (out / "summary.csv").unlink()
-    assert ablate_main([str(path), "--summarize"]) == 0  # analysis files in the folders do not disturb it
+    assert ablate(str(path), summarize=True) == 0  # analysis files in the folders do not disturb it
     assert list(csv.DictReader((out / "summary.csv").open()))[0]["eq_val_loss"] == runs["4/0"]["eq_val_loss"]

@@ -3,9 +3,9 @@
 import torch
 from helpers import ROOT
 
-from phi3lit.commands import main
-from phi3lit.lora import LoraSpec, apply_lora
-from phi3lit.plan import estimate, saved_bytes
+from phi3lit.__main__ import main
+from phi3lit.model.lora import LoraSpec, apply_lora
+from phi3lit.tools.plan import estimate, saved_bytes
 
 
 def test_plan_command_prints_counts(capsys):

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from helpers import ROOT, wait_until_unlocked
 
-from phi3lit.events import read_scalars
+from phi3lit.run.events import read_scalars
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 QUICK = {  # a few steps of the tiny model on the small data: seconds per point
@@ -88,7 +88,7 @@ def test_point_killed_between_step_and_last_checkpoint_completes_on_rerun(small_
     # As if killed after the first step=N.ckpt and before last.ckpt: only step checkpoints are left.
     (point / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
     assert not (point / "checkpoints" / "last.ckpt").exists() and list((point / "checkpoints").glob("step=*.ckpt"))
-    dry = ablate(sweep, "--dry-run")
+    dry = ablate(sweep, "--dry_run", "true")
     assert "--ckpt_path last" in dry.stdout and "would resume" in dry.stdout, dry.stdout
     rerun = ablate(sweep)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + (point / "fit.log").read_text()[-3000:]
@@ -102,14 +102,14 @@ def test_sweep_and_value_names_stay_inside_the_sweep_folder_and_distinct(tmp_pat
     root = tmp_path / "runs"
     data = ["a/b.jsonl", "a_b.jsonl", "a:b.jsonl", "../../up.jsonl", ".hidden", "x" * 300]
     sweep = write_sweep(tmp_path / "s.yaml", name="../../escape", grid={"data.train_file": data}, fixed=QUICK)
-    listed = ablate(sweep, "--list")
+    listed = ablate(sweep, "--list", "true")
     assert listed.returncode == 0, listed.stderr
     names = [line.split("\t")[1] for line in listed.stdout.strip().splitlines()]
     assert len(names) == len(set(names)) == len(data)  # a/b, a_b and a:b: three folders
     assert names[1] == "train_file=a_b.jsonl"  # a safe value keeps its name (existing sweeps keep their folders)
     for name in names:
         assert "/" not in name and ".." not in name and not name.startswith(".") and len(name.encode()) < 200
-    dry = ablate(sweep, "--dry-run").stdout.strip().splitlines()
+    dry = ablate(sweep, "--dry_run", "true").stdout.strip().splitlines()
     commands = [shlex.split(line) for line in dry[1::2]]
     for words, value in zip(commands, data, strict=True):
         folder = Path(words[words.index("--trainer.default_root_dir") + 1])

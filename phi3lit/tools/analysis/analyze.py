@@ -5,7 +5,7 @@ layer (every slice of a fused projection for slice targets such as [q, v]), ‖�
 rank of ΔW = scale · B · A, and its amplification of the base weight W; for a sweep folder (`ablate`'s
 `<root>/<sweep>/`), the subspace similarity φ of the adapters' A matrices between ranks (r=8 against r=64 of the
 same grid point and seed) and between seeds of one rank. The mathematics, and reading adapters and base weights,
-are `phi3lit.deltas`; this module finds the runs, computes their updates' numbers and writes the reports.
+are `phi3lit.tools.analysis.deltas`; this module finds the runs, computes their updates' numbers and writes the reports.
 
 Outputs: `<run>/analysis/` (updates.csv, analysis.md, spectrum.png, modules.png) and the same figures as
 TensorBoard images in `<run>/tb/analysis/`; for a sweep, every point's folder gets those, and
@@ -15,7 +15,6 @@ TensorBoard images in `<run>/tb/analysis/`; for a sweep, every point's folder ge
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import itertools
@@ -26,16 +25,10 @@ from pathlib import Path
 
 import torch
 
-from phi3lit.adapter_files import read_adapter_config
-from phi3lit.analysis_figures import (
-    kind_order,
-    modules_figure,
-    phi_figure,
-    save_figures,
-    spectrum_figure,
-    tensorboard_images,
-)
-from phi3lit.deltas import (
+from phi3lit.errors import ConfigError
+from phi3lit.model.adapter import read_adapter_config
+from phi3lit.savedrun import SavedRun
+from phi3lit.tools.analysis.deltas import (
     BaseWeights,
     Update,
     check_scales,
@@ -45,9 +38,15 @@ from phi3lit.deltas import (
     subspace_similarity,
     update_metrics,
 )
-from phi3lit.errors import ConfigError
-from phi3lit.stats import seed_stats, stat_cell
-from phi3lit.sweep import dotted, run_config
+from phi3lit.tools.analysis.figures import (
+    kind_order,
+    modules_figure,
+    phi_figure,
+    save_figures,
+    spectrum_figure,
+    tensorboard_images,
+)
+from phi3lit.tools.sweep.stats import seed_stats, stat_cell
 
 UPDATE_COLUMNS = [
     "layer", "kind", "r", "scale", "dW_fro", "W_fro", "dW_rel", "sigma_1", "stable_rank", "UtWV_fro",
@@ -61,7 +60,7 @@ class Run:
     folder: Path  # the run folder (or a bare adapter folder)
     adapter: Path
     out: Path
-    config: dict  # the run's resolved config.yaml ({} for a bare adapter)
+    config: SavedRun  # the run's resolved config.yaml (empty for a bare adapter)
     updates: list[Update]
     adapter_config: dict
 
@@ -72,11 +71,11 @@ class Run:
     @property
     def seed(self):
         m = re.search(r"(?:^|__)seed=([^_]+)", self.name)
-        return self.config.get("seed_everything", m.group(1) if m else None)
+        return self.config.seed if self.config.seed is not None else (m.group(1) if m else None)
 
     @property
     def rank(self) -> int | None:
-        r = dotted(self.config, "model.lora.r")
+        r = self.config.lora_rank
         return r if r is not None else (min(u.rank for u in self.updates) if self.updates else None)
 
     @property
@@ -98,15 +97,14 @@ def load_run(folder: Path, base: str | None, bases: dict, out: Path | None = Non
     """A run (or bare adapter) folder's updates with their metrics; `bases` caches BaseWeights by model name."""
     adapter = find_adapter(folder)
     run_folder = adapter.parent if adapter == folder and (folder.parent / "config.yaml").is_file() else folder
-    config = run_config(run_folder, strict=True)
+    config = SavedRun.read(run_folder, strict=True)
     cfg = read_adapter_config(str(adapter), "analyze:")
     check_scales(cfg, adapter / "adapter_config.json")
     name = base or cfg.get("base_model_name_or_path") or ""
     if name not in bases:
         bases[name] = BaseWeights(cfg.get("base_model_name_or_path") or "", base)
     weights = bases[name]
-    targets = dotted(config, "model.lora.targets")
-    targets = [targets] if isinstance(targets, str) else targets
+    targets = config.lora_targets
     tensors = adapter / "adapter_model.safetensors"
     try:
         updates, _ = load_updates(adapter, targets, weights.model_config(), adapter_config=cfg)
@@ -353,20 +351,19 @@ def analyze_sweep(folder: Path, runs: list[Run]) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------- command
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="phi3lit analyze",
-        description="What LoRA learned (Hu et al. 2021, §7): spectra, stable rank, amplification and subspace "
-        "similarity of saved adapters, from the adapters and the base weights, on the CPU, without data.",
-    )
-    parser.add_argument("folder", help="a run folder (<run>/adapter/), an adapter folder, or an ablate sweep folder")
-    parser.add_argument("--base", help="the base model folder, instead of the adapter's base_model_name_or_path")
-    args = parser.parse_args(argv)
-    folder = Path(args.folder)
+def analyze(folder: str, base: str | None = None) -> int:
+    """What LoRA learned (Hu et al. 2021, §7): spectra, stable rank, amplification and subspace similarity of saved
+    adapters, from the adapters and the base weights, on the CPU, without data.
+
+    Args:
+        folder: a run folder (<run>/adapter/), an adapter folder, or an ablate sweep folder.
+        base: the base model folder, instead of the adapter's base_model_name_or_path.
+    """
+    folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"analyze: {folder}: no such folder (a run folder, an adapter folder or a sweep folder)")
     with torch.no_grad():  # weights are only read; the caller's grad mode (a notebook's) is left as it was
-        return _analyze(folder, args.base)
+        return _analyze(folder, base)
 
 
 def _analyze(folder: Path, base: str | None) -> int:

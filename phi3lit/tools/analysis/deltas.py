@@ -16,8 +16,7 @@ a fused projection for slice targets such as [q, v]):
   one lie in the top-j of the other, 0 that they are orthogonal; two random subspaces of dimensions i and j in d
   dimensions give about max(i, j) / d.
 
-`lora_delta_norms(model)` gives ‖ΔW‖_F of every update of a live peft model, per kind and layer, cheaply enough
-to log during training (two r x r products per module, one host copy). `load_updates` reads a saved peft
+The norms logged during training are `phi3lit.model.norms`. `load_updates` reads a saved peft
 adapter into `Update`s (per slice where the adapter is sliced), and `BaseWeights` reads the base weights W one
 tensor at a time. This module imports only torch at load time; safetensors, peft and the hub are imported where
 they are used.
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,9 +33,9 @@ from types import SimpleNamespace
 import torch
 
 from phi3lit.errors import ConfigError
+from phi3lit.model.norms import LAYER
 
 ADAPTER_PREFIX = "base_model.model."  # peft's prefix before the base model's own parameter names
-LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 # ---------------------------------------------------------------------------- the mathematics
@@ -107,70 +105,6 @@ def update_metrics(b: torch.Tensor, a: torch.Tensor, scale: float, w: torch.Tens
     return out
 
 
-# ---------------------------------------------------------------------------- norms during training
-def lora_delta_norms(model: torch.nn.Module, adapter: str = "default", per_layer: bool = True) -> dict[str, float]:
-    """‖scale · B · A‖_F of every LoRA update of a (peft) model, for logging during training.
-
-    Keys: `lora_norm/<kind>` (the root of the sum of squares over layers, i.e. ‖ΔW‖_F of all that kind's updates
-    together) and, with `per_layer`, `lora_norm/<kind>/layer_<i>`. `kind` is the module (qkv_proj, o_proj, ...)
-    or, for slice targets, the slice (q, v, gate, ...). Computed without forming ΔW: ‖BA‖_F² =
-    sum((BᵀB) ⊙ (AAᵀ)), two r x r products; one device-to-host copy for all modules. DoRA's magnitude vector is
-    not included; under FSDP or DeepSpeed ZeRO-3 the parameters are shards and the numbers are not meaningful.
-    """
-    config = getattr(model, "config", None)
-    names, squares = [], []
-    for name, module in model.named_modules():
-        scaling = getattr(module, "scaling", None)
-        if not isinstance(scaling, dict) or adapter not in scaling:
-            continue
-        if adapter in getattr(module, "lora_A", {}):
-            a, b_mod = module.lora_A[adapter].weight, module.lora_B[adapter]
-            b = b_mod.weight
-        elif adapter in getattr(module, "lora_embedding_A", {}):
-            a, b, b_mod = module.lora_embedding_A[adapter], module.lora_embedding_B[adapter], None
-        else:
-            continue
-        kind = name.rsplit(".", 1)[-1]
-        layer = LAYER.search(name + ".")
-        mask = getattr(b_mod, "slice_mask", None)
-        parts = mask_slices(mask, kind, config) if mask is not None else [(kind, slice(None), slice(None))]
-        with torch.no_grad():
-            for part, rows, cols in parts:
-                bb, aa = b[rows, cols].float(), a[cols].float()
-                squares.append(scaling[adapter] ** 2 * ((bb.T @ bb) * (aa @ aa.T)).sum())
-                names.append((part, int(layer.group(1)) if layer else None))
-    if not squares:
-        return {}
-    values = torch.stack(squares).clamp_min(0).tolist()
-    out: dict[str, float] = {}
-    for (kind, layer), sq in zip(names, values, strict=True):
-        out[f"lora_norm/{kind}"] = out.get(f"lora_norm/{kind}", 0.0) + sq
-        if per_layer and layer is not None:
-            out[f"lora_norm/{kind}/layer_{layer}"] = out.get(f"lora_norm/{kind}/layer_{layer}", 0.0) + sq
-    return {k: math.sqrt(v) for k, v in out.items()}
-
-
-def mask_slices(mask: torch.Tensor, kind: str, config) -> list[tuple[str, slice, slice]]:
-    """The (slice name, rows, columns) blocks of a sliced LoRA B, read from its slice mask (phi3lit.lora)."""
-    from phi3lit.lora import slice_rows
-
-    try:
-        names = {rows: s for s, rows in slice_rows(config, kind).items()}
-    except (KeyError, AttributeError, TypeError):
-        names = {}
-    rows_on = mask.any(1).tolist()
-    parts, lo = [], None
-    for i, on in enumerate([*rows_on, False]):
-        if on and lo is None:
-            lo = i
-        elif not on and lo is not None:
-            cols = mask[lo].nonzero().flatten()
-            c0, c1 = int(cols.min()), int(cols.max()) + 1
-            parts.append((names.get((lo, i), f"{kind}[{lo}:{i}]"), slice(lo, i), slice(c0, c1)))
-            lo = None
-    return parts
-
-
 # ---------------------------------------------------------------------------- adapters and base weights
 @dataclass
 class Update:
@@ -231,9 +165,9 @@ def load_updates(
     """
     from safetensors.torch import load_file
 
-    from phi3lit.adapter_files import read_adapter_config
-    from phi3lit.clients import lora_pairs, peft_scale
-    from phi3lit.lora import FUSED, resolve_targets, slice_rows
+    from phi3lit.export.clients import lora_pairs, peft_scale
+    from phi3lit.model.adapter import read_adapter_config
+    from phi3lit.model.lora import FUSED, resolve_targets, slice_rows
 
     cfg = adapter_config if adapter_config is not None else read_adapter_config(str(adapter_dir), "analyze:")
     tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
@@ -283,7 +217,7 @@ class BaseWeights:
     to be in memory at once), and its config."""
 
     def __init__(self, name: str, override: str | None = None):
-        from phi3lit.tiny import resolve_pretrained
+        from phi3lit.hub import resolve_pretrained
 
         source = override or name
         try:

@@ -2,8 +2,8 @@
 and TensorBoard images.
 
 `spectrum_figure` and `modules_figure` draw one run (`analyze.Run`: its `name` and `updates`, each with its
-`metrics` from `phi3lit.deltas.update_metrics`); `phi_figure` one comparison of `analyze.comparisons` (φ matrices
-by (layer, kind)). matplotlib is imported, with the Agg backend, only when a figure is drawn; figures are closed
+`metrics` from `deltas.update_metrics`); `phi_figure` one comparison of `analyze.comparisons` (φ matrices by
+(layer, kind)). matplotlib is imported, with the Agg backend, only when a figure is drawn; figures are closed
 after drawing (nothing is shown) and the caller saves them (`save_figures`, `tensorboard_images`).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from phi3lit.deltas import Update
+from phi3lit.tools.analysis.deltas import Update
 
 KIND_ORDER = ["q", "k", "v", "qkv_proj", "o_proj", "gate", "up", "gate_up_proj", "down_proj", "embed_tokens", "lm_head"]
 

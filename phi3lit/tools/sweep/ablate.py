@@ -1,19 +1,18 @@
 """`python -m phi3lit ablate experiments/NAME.yaml`: sweep a grid of config overrides through `fit`.
 
-What a sweep file holds, how it expands into points and what each point's fit command is: `phi3lit.sweep`.
-This module runs the points and writes the summary (`phi3lit.sweep_summary`).
+What a sweep file holds, how it expands into points and what each point's fit command is: `phi3lit.tools.sweep.grid`.
+This module runs the points and writes the summary (`phi3lit.tools.sweep.summary`).
 
 Every point runs `python -m phi3lit fit` in its own process (the same path as a normal run) with its own run
 folder `<root>/<sweep>/<point name>/`, so TensorBoard shows the whole sweep side by side (HPARAMS included).
 `status.json` in each folder makes the sweep resumable: finished points are skipped, an interrupted point
 resumes from its newest checkpoint (`--ckpt_path last` whenever its checkpoints/ holds any `*.ckpt`), and a
 failed point is recorded with its error while the sweep goes on. Each finished point prints one greppable result
-line. `--list` / `--index I` let a scheduler (e.g. a SLURM array) run one point per job; `--dry-run` prints each
-point's `python -m phi3lit fit ...` command. `summary.csv`, `summary_stats.csv`, `summary.md` and `summary.png`
-collect the results (with `seeds:`, mean, std and a 95% Student-t interval per grid point, compared at equal
-tokens seen: `phi3lit.stats`). Exit status: 0 when every
-selected point is done, 1 when one failed (after the others ran and the summary was written), 2 for a bad sweep
-file or option (a one-line ConfigError).
+line. `--list true` / `--index I` let a scheduler (e.g. a SLURM array) run one point per job; `--dry_run true`
+prints each point's `python -m phi3lit fit ...` command. `summary.csv`, `summary_stats.csv`, `summary.md` and
+`summary.png` collect the results (with `seeds:`, mean, std and a 95% Student-t interval per grid point, compared
+at equal tokens seen: `phi3lit.tools.sweep.stats`). Exit status: 0 when every selected point is done, 1 when one
+failed (after the others ran and the summary was written), 2 for a bad sweep file or option (a one-line error).
 
 Several workers may run one sweep (overlapping SLURM array tasks, a rerun while a point runs): each point is
 taken under an flock on `<point>/.ablate.lock`, and a worker that finds a point taken skips it, saying so. The
@@ -24,7 +23,6 @@ planted one is refused in one line, its target untouched.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import os
 import socket
@@ -34,8 +32,10 @@ import time
 from pathlib import Path
 
 from phi3lit.errors import ConfigError
-from phi3lit.sweep import (
-    dry_run,
+from phi3lit.tools.sweep.grid import (
+    dry_run as fit_command_line,
+)
+from phi3lit.tools.sweep.grid import (
     fit_args,
     has_checkpoint,
     load_sweep,
@@ -45,7 +45,8 @@ from phi3lit.sweep import (
     read_status,
     write_status,
 )
-from phi3lit.sweep_summary import summarize, summarize_point
+from phi3lit.tools.sweep.summary import summarize as write_summary
+from phi3lit.tools.sweep.summary import summarize_point
 
 EXIT_FAILED_POINTS = 1  # some point failed; config errors exit 2 (the CLI's handler), as they do for fit
 LOCK_NAME = ".ablate.lock"
@@ -81,7 +82,7 @@ def take_point(folder: Path):
 
 
 def fit_lock_holder(folder: Path) -> str:
-    """Who holds fit's own run-folder lock (phi3lit.runfolder), or "" when nobody does."""
+    """Who holds fit's own run-folder lock (phi3lit.run.runfolder), or "" when nobody does."""
     try:  # read-only and not through a symlink: the probe creates, truncates and writes nothing
         fd = open_nofollow(folder / ".phi3lit.lock", os.O_RDONLY, "fit's run-folder lock")
     except FileNotFoundError:
@@ -169,36 +170,45 @@ def result_line(label: str, row: dict, returncode: int, folder: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- command
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="phi3lit ablate", description=__doc__.split("\n")[0])
-    parser.add_argument("sweep", help="sweep YAML file (see experiments/)")
-    parser.add_argument("--list", action="store_true", help="print the points with their indices and exit")
-    parser.add_argument("--index", type=int, help="run only point I (for scheduler array jobs)")
-    parser.add_argument("--dry-run", action="store_true", help="print each point's fit command and exit")
-    parser.add_argument(
-        "--summarize", action="store_true", help="only (re)write the summary, from the points that have finished"
-    )
-    parser.add_argument("--root", help="override the sweep's output root")
-    args = parser.parse_args(argv)
-    sweep = load_sweep(args.sweep)
-    if args.root:
-        sweep["root"] = args.root
+def ablate(
+    sweep: str,
+    list: bool = False,  # noqa: A002 (the option's name, as users type it)
+    index: int | None = None,
+    dry_run: bool = False,
+    summarize: bool = False,
+    root: str | None = None,
+) -> int:
+    """Run a sweep file's grid of fit overrides, one `python -m phi3lit fit` per point, and summarise it.
+
+    Args:
+        sweep: the sweep YAML file (see experiments/).
+        list: print the points with their indices and states, and exit.
+        index: run only point I (for scheduler array jobs).
+        dry_run: print each point's fit command, and exit.
+        summarize: only (re)write the summary, from the points that have finished.
+        root: the output root instead of the sweep file's.
+
+    Returns the exit status: 0 when every selected point is done, 1 when one failed.
+    """
+    sweep_file, sweep = sweep, load_sweep(sweep)
+    if root:
+        sweep["root"] = root
     pts = points(sweep)
-    if args.list:
+    if list:
         for i, p in enumerate(pts):
             print(f"{i}\t{p['name']}\t{point_state(point_dir(sweep, p))}")
         return 0
-    if args.index is not None and not 0 <= args.index < len(pts):
+    if index is not None and not 0 <= index < len(pts):
         last = len(pts) - 1
-        raise ConfigError(f"--index {args.index} is out of range: {args.sweep} has {len(pts)} points (0..{last})")
-    indices = [args.index] if args.index is not None else range(len(pts))
+        raise ConfigError(f"--index {index} is out of range: {sweep_file} has {len(pts)} points (0..{last})")
+    indices = [index] if index is not None else range(len(pts))
     selected = [pts[i] for i in indices]
-    if args.dry_run:
+    if dry_run:
         for i in indices:
-            print(dry_run(sweep, pts[i], i), flush=True)
+            print(fit_command_line(sweep, pts[i], i), flush=True)
         return 0
     failed = 0
-    if not args.summarize:
+    if not summarize:
         n = len(selected)
         results = [run_point(sweep, p, f"{i}/{n}") for i, p in enumerate(selected, 1)]
         failed, skipped, busy = results.count("failed"), results.count("skipped"), results.count("busy")
@@ -208,6 +218,6 @@ def main(argv: list[str]) -> int:
         halted = f" ({stopped} stopped by a signal, to resume)" if stopped else ""
         ok = n - failed - busy - stopped
         print(f"[ablate] {ok} ok, {failed} failed of {n}{before}{elsewhere}{halted}", flush=True)
-    summarize(sweep)
+    write_summary(sweep)
     # A failed point fails the command (and its SLURM array task), after the other points and the summary.
     return EXIT_FAILED_POINTS if failed else 0

@@ -17,7 +17,7 @@ value when anything changed, so distinct values keep distinct folders). A `data.
 point one `data.val_batch_size` (`common_val_batch`), so all score the same validation rows. Its command is
 `python -m phi3lit fit --config <base> --trainer.default_root_dir <folder> --<key> <value> ...` (`fit_args`;
 `dry_run` prints it as a user would type it). The folder holds what fit and ablate leave there: the resolved
-`config.yaml` (`run_config`) and ablate's `status.json` (`read_status` / `write_status`).
+`config.yaml` (`phi3lit.savedrun.SavedRun`) and ablate's `status.json` (`read_status` / `write_status`).
 
 `model.lora.alpha` may be a rule rather than a number (`alpha_rule`): a number (fixed alpha, scale alpha/r),
 `2r` (alpha = 2*r, a constant scale 2) or `rslora` / `rslora:16` (use_rslora, scale alpha/sqrt(r)).
@@ -40,11 +40,12 @@ from pathlib import Path
 import yaml
 
 from phi3lit.errors import ConfigError, EnvironmentProblem
-from phi3lit.stats import number
+from phi3lit.savedrun import SavedRun
+from phi3lit.tools.sweep.stats import number
 
 ALPHA_KEY, RSLORA_KEY, RANK_KEY = "model.lora.alpha", "model.lora.use_rslora", "model.lora.r"
 BATCH_KEY, VAL_BATCH_KEY = "data.batch_size", "data.val_batch_size"
-LORA_DEFAULTS = {RANK_KEY: 16, ALPHA_KEY: 32.0, RSLORA_KEY: False}  # phi3lit.lora.LoraSpec's defaults
+LORA_DEFAULTS = {RANK_KEY: 16, ALPHA_KEY: 32.0, RSLORA_KEY: False}  # phi3lit.model.lora.LoraSpec's defaults
 SWEEP_KEYS = {"base", "grid", "fixed", "seeds", "name", "root"}
 
 
@@ -156,7 +157,8 @@ def base_value(sweep: dict, key: str):
         cfg = yaml.safe_load(Path(sweep["base"]).read_text())
     except (OSError, yaml.YAMLError):
         cfg = None
-    return dotted(cfg, key, LORA_DEFAULTS.get(key))
+    base = SavedRun(Path(sweep["base"]).parent, cfg if isinstance(cfg, dict) else {})  # a config, read the same way
+    return base.get(key, LORA_DEFAULTS.get(key))
 
 
 def apply_alpha_rule(sweep: dict, overrides: dict) -> dict:
@@ -306,33 +308,3 @@ def write_status(folder: Path, **status) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(status, indent=2))
     tmp.replace(folder / "status.json")  # rename replaces a symlink at status.json; it never writes through one
-
-
-def run_config(folder: Path, strict: bool = False) -> dict:
-    """The run's resolved config as fit wrote it (`<run>/config.yaml`), or {} before it ran.
-
-    An unreadable one (not UTF-8, not YAML, not a mapping) is {} for a summary, which goes on with what it has;
-    `strict` makes it a one-line ConfigError naming the file, for commands that rely on it (analyze)."""
-    path = folder / "config.yaml"
-    try:
-        cfg = yaml.safe_load(path.read_bytes().decode()) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        if strict:
-            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0]
-            raise ConfigError(f"{path}: cannot read the run's config ({why}); restore it or move it away") from None
-        return {}
-    if cfg is None or isinstance(cfg, dict):
-        return cfg or {}
-    if strict:
-        raise ConfigError(f"{path}: the run's config holds no mapping; restore it or move it away")
-    return {}
-
-
-def dotted(cfg: dict, key: str, default=None):
-    """`cfg["a"]["b"]["c"]` for key `a.b.c`, or `default` where the path does not exist."""
-    node = cfg
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node

@@ -21,7 +21,7 @@ import statistics
 STAT_METRICS = ["eq_val_loss", "best_val_loss", "final_val_loss", "val_token_acc", "tokens_per_sec"]
 
 # Two-sided 95% Student-t quantiles t(0.975, df), df = 1..30 (standard tables); above 30 the next lower listed df
-# (conservative). scipy is not a dependency; tests/test_analyze.py checks the table against scipy when present.
+# (conservative). scipy is not a dependency; tests/tools/test_analyze.py checks the table against scipy when present.
 T975 = [
     12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
     2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,

@@ -3,8 +3,8 @@
 `summarize_point` reads a point's folder: ablate's `status.json`, fit's resolved `config.yaml`, the TensorBoard
 scalars (val loss and perplexity, token accuracy, throughput, peak memory), the trainable count fit printed in
 `fit.log` and the adapter's size. `summarize` compares the finished points at equal tokens seen (tokens per step
-from the resolved config x steps; `phi3lit.stats.at_equal_tokens`), adds the statistics over seeds
-(`phi3lit.stats.stats_rows`) and writes, in `<root>/<sweep>/`:
+from the resolved config x steps; `phi3lit.tools.sweep.stats.at_equal_tokens`), adds the statistics over seeds
+(`phi3lit.tools.sweep.stats.stats_rows`) and writes, in `<root>/<sweep>/`:
 
 - `summary.csv`: every run, one row each (`SUMMARY_COLUMNS` after the grid keys and the seed);
 - `summary_stats.csv`: per grid point and metric, the mean, sample std and 95% Student-t interval over seeds;
@@ -25,24 +25,23 @@ import os
 import statistics
 from pathlib import Path
 
-from phi3lit.events import read_scalars
-from phi3lit.stats import STAT_METRICS, at_equal_tokens, number, seed_stats, stat_cell, stats_rows
-from phi3lit.sweep import (
+from phi3lit.run.events import read_scalars
+from phi3lit.savedrun import SavedRun
+from phi3lit.tools.sweep.grid import (
     ALPHA_KEY,
     LORA_DEFAULTS,
     RANK_KEY,
     RSLORA_KEY,
     base_value,
-    dotted,
     effective_scale,
     open_nofollow,
     point_dir,
     points,
     read_status,
     readable,
-    run_config,
     short,
 )
+from phi3lit.tools.sweep.stats import STAT_METRICS, at_equal_tokens, number, seed_stats, stat_cell, stats_rows
 
 SUMMARY_COLUMNS = [
     "scale", "trainable_params", "adapter_mb", "tokens_seen", "eq_tokens", "eq_val_loss", "eq_measured_at",
@@ -53,20 +52,6 @@ SUMMARY_COLUMNS = [
 
 
 # ---------------------------------------------------------------------------- one point
-def tokens_per_step(cfg: dict) -> int | None:
-    """Token slots one optimizer step trains on: packed rows x row length x accumulation x devices x nodes.
-
-    `trainer.devices` other than a count or a list (auto, -1) is counted as one device."""
-    batch, length = number(dotted(cfg, "data.batch_size")), number(dotted(cfg, "data.max_length"))
-    if not batch or not length:
-        return None
-    accumulate = number(dotted(cfg, "trainer.accumulate_grad_batches")) or 1
-    devices = dotted(cfg, "trainer.devices")
-    devices = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 0 else 1
-    nodes = number(dotted(cfg, "trainer.num_nodes")) or 1
-    return int(batch * length * accumulate * devices * nodes)
-
-
 def summarize_point(sweep: dict, point: dict) -> dict:
     """A point's row of summary.csv (grid values, seed, status, metrics) and its val-loss curve by tokens seen."""
     folder = point_dir(sweep, point)
@@ -76,8 +61,8 @@ def summarize_point(sweep: dict, point: dict) -> dict:
     status = read_status(folder)
     row["status"] = status.get("status", "pending")
     row["wall_s"] = round(status.get("wall_s", 0.0), 1)
-    cfg = run_config(folder)
-    lora = {k: dotted(cfg, k, point["overrides"].get(k, base_value(sweep, k))) for k in LORA_DEFAULTS}
+    run = SavedRun.read(folder)
+    lora = {k: run.get(k, point["overrides"].get(k, base_value(sweep, k))) for k in LORA_DEFAULTS}
     scale = effective_scale(lora[RANK_KEY], lora[ALPHA_KEY], lora[RSLORA_KEY])
     row["scale"] = round(scale, 6) if scale is not None else ""
     tb = folder / "tb"
@@ -99,7 +84,7 @@ def summarize_point(sweep: dict, point: dict) -> dict:
     row["trainable_params"] = trainable_from_log(folder)
     adapter = folder / "adapter" / "adapter_model.safetensors"
     row["adapter_mb"] = round(adapter.stat().st_size / 1e6, 3) if adapter.exists() else ""
-    per_step = tokens_per_step(cfg)
+    per_step = run.tokens_per_step
     curve = [(step * per_step, v) for step, v in scalars.get("val/loss", [])] if per_step else []
     row["tokens_seen"] = max(t for t, _ in curve) if curve else ""
     row["_curve"] = curve  # (tokens seen, val loss) at each validation, as logged; not written out
