@@ -32,6 +32,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.errors import CheckpointError, EnvironmentProblem
+from phi3lit.files import atomic_file
 
 DIGEST_KEY = "phi3lit_sha256"
 
@@ -66,23 +67,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(obj, dict):
         obj = {**obj, DIGEST_KEY: content_digest(obj)}
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        # O_NOFOLLOW and O_EXCL: never write through a link planted at the temporary name.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
+    with atomic_file(path) as f:  # <name>.tmp-<pid>, fsync'ed, renamed over `path`, the rename fsync'ed too
+        torch.save(obj, f)
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, suggest: bool = True) -> dict:

@@ -25,7 +25,7 @@ from phi3lit.model.optim import DEFAULTS as OPTIM_DEFAULTS
 from phi3lit.model.optim import carried_over_note
 from phi3lit.run.allocator import keep_freed_memory
 from phi3lit.run.callbacks import PredictionWriter, SampleReplies
-from phi3lit.run.checks import check_devices, check_strategy, check_values
+from phi3lit.run.checks import check_devices, check_positions, check_strategy, check_values
 from phi3lit.run.monitor import TrainMonitor
 from phi3lit.run.preemption import RunGuard, check_writable
 from phi3lit.run.progress import ProgressLog
@@ -209,6 +209,7 @@ class Phi3LitCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_values(config)
+        check_positions(config)  # both configs in view, before any weights or data are read
         if "weights_only" in config:  # AtomicCheckpointIO loads so whatever it is told; FSDP/DeepSpeed's IO is told
             config.weights_only = True
         check_strategy(config)  # config errors first: they hold on any machine

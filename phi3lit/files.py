@@ -31,20 +31,26 @@ def temp_folder_name(path: Path) -> Path:
 
 def fsync_folder(folder: Path) -> None:
     """Make a rename inside `folder` durable (the new entry survives a power cut, not only a kill)."""
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform or filesystem that cannot open a folder: the rename is still atomic
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, durable: bool = True, temp: Path | None = None) -> Iterator[Path]:
     """Yield a fresh temporary path beside `path` for a writer that wants a file name (Arrow, torch); on success
-    it replaces `path` (a link at `path` is replaced as a link, never written through)."""
+    it replaces `path` (a link at `path` is replaced as a link, never written through). `temp`: another temporary
+    name in the same folder (a shared cache names its temporaries by host and pid)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file_name(path)
+    tmp = temp or temp_file_name(path)
     tmp.unlink(missing_ok=True)  # our own pid's leftover: nobody else writes this name
     try:
         yield tmp
@@ -62,15 +68,19 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
         fsync_folder(path.parent)
 
 
+def create_new(path: Path, mode: str = "wb") -> IO:
+    """A new file opened for writing: never an existing file, nor through a link someone put at that name."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), mode)
+
+
 @contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
+def atomic_file(
+    path: str | os.PathLike, mode: str = "wb", durable: bool = True, temp: Path | None = None
+) -> Iterator[IO]:
     """Open a new temporary file beside `path` for writing (`mode` "wb" or "w"); on success it replaces `path`."""
-    with atomic_path(path, durable) as tmp:
-        # O_EXCL and O_NOFOLLOW: never write through a link planted at the temporary name.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
+    with atomic_path(path, durable, temp) as tmp, create_new(tmp, mode) as f:
+        yield f
+        f.flush()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = True) -> None:

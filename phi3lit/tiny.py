@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 from pathlib import Path
 
 # Phi-3's chat template, verbatim from microsoft/Phi-3-mini-4k-instruct's tokenizer_config.json (kept in family.py).
 from phi3lit.family import MINI_TEMPLATE as PHI3_CHAT_TEMPLATE
+from phi3lit.files import atomic_folder
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_DATA = ASSETS / "tiny_chat.jsonl"
@@ -187,17 +187,11 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary folder and rename: concurrent processes (DDP ranks) never see half a model.
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process won the race; its copy is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Built in a temporary folder and renamed: concurrent processes (DDP ranks) never see half a model, and the
+    # first of them to finish wins (the others' copies are identical).
+    with atomic_folder(out, keep_existing=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from phi3lit.data.chat import tokenize_example
 from phi3lit.data.labels import IGNORE_INDEX
 from phi3lit.errors import EnvironmentProblem
+from phi3lit.files import atomic_file, atomic_path, create_new
 
 # Every module whose code can change a cached row (its ids, labels, lengths or outcome): the key hashes them all.
 ID_MODULES = (
@@ -165,12 +166,6 @@ def _remove_stale_temp_files(cache: Path) -> None:
             pass
 
 
-def _create(path: Path):
-    """A new file opened for writing: never an existing file, nor through a link someone put at that name."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    return os.fdopen(os.open(path, flags, 0o644), "wb")
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -179,43 +174,15 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a folder
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _publish_cache(tmp: Path, path: Path, ds):
-    """Move a complete tokenized file into place with the record of what it holds; return it, re-opened.
-
-    Both are written under temporary names first; the data is renamed into place before its record, so a record
-    always describes a complete file.
-    """
-    import datasets
-
+def _record(tmp: Path, ds) -> bytes:
+    """The record of what a complete tokenized file holds, checked whenever the file is read back."""
     record = {
         "rows": len(ds),
         "tokens": int(sum(ds["length"])),
         "bytes": tmp.stat().st_size,
         "sha256": _sha256_file(tmp),
     }
-    side = path.with_suffix(".json")
-    side_tmp = path.parent / f"{_temp_prefix()}{side.name}"
-    with _create(side_tmp) as f:
-        f.write(json.dumps(record).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    os.replace(side_tmp, side)
-    _fsync_dir(path.parent)
-    return datasets.Dataset.from_file(str(path))
+    return json.dumps(record).encode()
 
 
 def _read_cache(path: Path):
@@ -271,7 +238,7 @@ def _write_tokenized(conversations: list, encode, tmp: Path, name: str) -> None:
     from datasets.arrow_writer import ArrowWriter
     from datasets.utils import tqdm
 
-    with _create(tmp) as f, tqdm(total=len(conversations), desc=f"tokenize {name}", unit=" examples") as bar:
+    with create_new(tmp) as f, tqdm(total=len(conversations), desc=f"tokenize {name}", unit=" examples") as bar:
         writer = ArrowWriter(features=_features(), stream=pa.PythonFile(f, mode="w"))
         for start in range(0, len(conversations), 1000):  # one record batch each, as datasets' `map` writes
             batch = conversations[start : start + 1000]
@@ -324,12 +291,14 @@ def tokenize_cached(conversations: list, tokenizer, settings: dict, cache: Path,
     if not conversations:  # e.g. everything held out for validation
         ds = datasets.Dataset.from_dict({k: [] for k in _features()}, features=_features())
     elif ds is None:
-        tmp = cache / f"{_temp_prefix()}{key}.arrow"  # renamed into place only once complete and on disk
+        # Both files are written under this process's temporary names, fsync'ed and renamed into place, the data
+        # before its record (the inner rename runs first), so a record always describes a complete file.
+        tmp, side_tmp = (cache / f"{_temp_prefix()}{key}{suffix}" for suffix in (".arrow", ".json"))
         try:
-            _write_tokenized(conversations, encode, tmp, name)
-            ds = _publish_cache(tmp, path, datasets.Dataset.from_file(str(tmp)))
-        except OSError as e:  # disk full, quota, read-only: this run's temporary files go, the message stays
-            for f in (tmp, cache / f"{_temp_prefix()}{key}.json"):
-                f.unlink(missing_ok=True)
+            with atomic_file(path.with_suffix(".json"), temp=side_tmp) as side, atomic_path(path, temp=tmp):
+                _write_tokenized(conversations, encode, tmp, name)
+                side.write(_record(tmp, datasets.Dataset.from_file(str(tmp))))
+            ds = datasets.Dataset.from_file(str(path))
+        except OSError as e:  # disk full, quota, read-only: this run's temporary files are gone, the message stays
             raise _unwritable(cache, e) from None
     return ds, calls[0]

@@ -6,9 +6,7 @@ model card), so it lives in the export layer; the run layer knows it only as an 
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +17,7 @@ from safetensors import SafetensorError
 from phi3lit.errors import EnvironmentProblem
 from phi3lit.export.clients import format_report
 from phi3lit.export.export import finish_adapter_folder
+from phi3lit.files import atomic_folder
 from phi3lit.run.callbacks import AdapterWriter
 from phi3lit.run.preemption import was_preempted
 
@@ -49,29 +48,20 @@ class SaveAdapter(AdapterWriter):
             export(ckpt=str(ckpt), out=str(out))
             rank_zero_info(f"[phi3lit] adapter exported from {ckpt} to {out}")
             return
-        # Written whole into a temporary folder, then swapped in: a full disk or a kill mid-save leaves the previous
-        # adapter (or none), never a folder with a 0-byte file in it.
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        # Written whole into a temporary folder, then swapped in (phi3lit.files): a full disk or a kill mid-save
+        # leaves the previous adapter (or none), never a folder with a 0-byte file in it.
         try:
-            _remove(tmp)
-            tmp.mkdir()  # made here, so never a link planted at the name: the adapter is written where it says
-            pl_module.model.save_pretrained(tmp)
-            # The base's own tokenizer files, its public name, a model card saying which clients take it, 0644 files.
-            datamodule = trainer.datamodule
-            facts = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
-            if datamodule is not None:
-                facts["datamodule_hyper_parameters"] = dict(datamodule.hparams)
-            facts["phi3lit"] = {"metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
-            report = finish_adapter_folder(tmp, pl_module, checkpoint=facts)
-            if out.exists():
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                out.rename(old)
-                tmp.rename(out)
-                _remove(old)  # a link the user put at `out` is removed as a link, its target left alone
-            else:
-                tmp.rename(out)
+            with atomic_folder(out) as tmp:
+                pl_module.model.save_pretrained(tmp)
+                # The base's own tokenizer files, its public name, a model card saying which clients take it, 0644.
+                datamodule = trainer.datamodule
+                facts = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
+                if datamodule is not None:
+                    facts["datamodule_hyper_parameters"] = dict(datamodule.hparams)
+                metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+                facts["phi3lit"] = {"metrics": metrics}
+                report = finish_adapter_folder(tmp, pl_module, checkpoint=facts)
         except (OSError, SafetensorError) as e:  # safetensors reports a full disk in its own error type
-            _remove(tmp, ignore_errors=True)
             ckpt = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir
             why = getattr(e, "strerror", None) or e
             last = Path(ckpt) / "last.ckpt"  # quoted: the command is for copying into a shell
@@ -82,15 +72,3 @@ class SaveAdapter(AdapterWriter):
             ) from None
         rank_zero_info(f"[phi3lit] adapter saved to {out} (load with peft.PeftModel.from_pretrained(base, path))")
         rank_zero_info(format_report(report, out))  # which clients take it as it is, and when to `export` first
-
-
-def _remove(path: Path, ignore_errors: bool = False) -> None:
-    """Remove a folder phi3lit made, or a link (never what it points to)."""
-    try:
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.exists():
-            shutil.rmtree(path)
-    except OSError:
-        if not ignore_errors:
-            raise

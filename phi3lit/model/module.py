@@ -144,13 +144,6 @@ class Phi3LoRA(L.LightningModule):
             raise ConfigError(f"model.pretrained={hp.pretrained!r}: not a Phi3ForCausalLM ({e})") from None
         check_phi3(config, hp.pretrained)  # before reading any weights
         check_rank(self.lora, config)  # before reading any weights too
-        # The one place both configs are in view: the trainer holds the data module (fit, validate, test, predict).
-        datamodule = getattr(self._trainer, "datamodule", None)
-        max_length = getattr(getattr(datamodule, "hparams", None), "max_length", None)
-        if max_length is not None and max_length > config.max_position_embeddings:  # before reading any weights
-            raise ConfigError(
-                f"data.max_length={max_length} exceeds the model's {config.max_position_embeddings} positions"
-            )
         base = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,

@@ -53,6 +53,32 @@ def check_values(config) -> None:
         )
 
 
+def check_positions(config) -> None:
+    """data.max_length against the model's positions: the one place both configs are in view, before anything
+    loads. The model's config.json values come from the family table for hub ids (nothing downloads here) or from
+    the folder's own file; a name neither knows is left to transformers to explain when it loads."""
+    import json
+    from pathlib import Path
+
+    from phi3lit.family import member
+    from phi3lit.hub import resolve_pretrained
+
+    if "data" not in config or "model" not in config:
+        return
+    pretrained, max_length = config.model.pretrained, config.data.max_length
+    known = member(pretrained)
+    if known is not None:
+        positions = known.config["max_position_embeddings"]
+    else:
+        try:
+            path = Path(resolve_pretrained(pretrained)) / "config.json"
+            positions = json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() else None
+        except (OSError, ValueError):
+            return
+    if isinstance(positions, int) and max_length > positions:
+        raise ConfigError(f"data.max_length={max_length} exceeds the model's {positions} positions")
+
+
 def check_strategy(config) -> None:
     """Combinations with a sharding strategy that phi3lit cannot verify without GPUs are refused, not run unverified.
 

@@ -10,6 +10,7 @@ Lightning's `get_available_flops` where it knows the device; on a CPU, which it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from phi3lit.data.labels import IGNORE_INDEX
+from phi3lit.files import write_text_atomic
 from phi3lit.hub import cache_root
 from phi3lit.lightning_compat import accumulating, logging_this_step
 from phi3lit.run.events import read_scalars
@@ -80,13 +82,9 @@ def cpu_roof(dtype: torch.dtype, raised: float | None = None) -> float:
         return known[key]
     else:  # the best of several sizes: one size can sit in a slow spot of the BLAS library's kernels
         value = max(measure_matmul_flops(torch.device("cpu"), dtype, n) for n in (512, 1024, 2048))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({**known, key: value}, indent=1))
-        os.replace(tmp, path)  # atomic: runs starting together never read half a file
-    except OSError:
-        pass  # a read-only cache costs a measurement per run, nothing else
+    # Atomic: runs starting together never read half a file. A read-only cache costs a measurement per run.
+    with contextlib.suppress(OSError):
+        write_text_atomic(path, json.dumps({**known, key: value}, indent=1), durable=False)
     return value
 
 

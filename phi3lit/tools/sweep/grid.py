@@ -40,6 +40,7 @@ from pathlib import Path
 import yaml
 
 from phi3lit.errors import ConfigError, EnvironmentProblem
+from phi3lit.files import write_text_atomic
 from phi3lit.savedrun import SavedRun
 from phi3lit.tools.sweep.stats import number
 
@@ -302,9 +303,5 @@ def read_status(folder: Path) -> dict:
 
 
 def write_status(folder: Path, **status) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "status.json.tmp"
-    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "the point's status, written beside")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(status, indent=2))
-    tmp.replace(folder / "status.json")  # rename replaces a symlink at status.json; it never writes through one
+    # Written beside and renamed: the rename replaces a symlink at status.json; it never writes through one.
+    write_text_atomic(folder / "status.json", json.dumps(status, indent=2))

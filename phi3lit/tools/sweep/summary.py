@@ -21,10 +21,10 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import statistics
 from pathlib import Path
 
+from phi3lit.files import atomic_file
 from phi3lit.run.events import read_scalars
 from phi3lit.savedrun import SavedRun
 from phi3lit.tools.sweep.grid import (
@@ -34,7 +34,6 @@ from phi3lit.tools.sweep.grid import (
     RSLORA_KEY,
     base_value,
     effective_scale,
-    open_nofollow,
     point_dir,
     points,
     read_status,
@@ -199,11 +198,8 @@ def summary_markdown(sweep: dict, keys: list[str], columns: list[str], rows: lis
 
 def replace_file(path: Path, data: bytes) -> None:
     """Write beside, then rename: array tasks that summarize at the same time never leave a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "the summary, written beside")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_file(path) as f:
         f.write(data)
-    tmp.replace(path)
 
 
 def summary_figure(sweep: dict, rows: list[dict]):
