@@ -9,6 +9,7 @@ whose signature and docstring are its options and `--help` (jsonargparse). It im
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from phi3lit.console import quiet
 from phi3lit.errors import ConfigError, Phi3litError
@@ -59,6 +60,8 @@ COMMANDS = {
                "summarise it"),
     "analyze": ("phi3lit.tools.analysis.analyze:analyze", "what LoRA learned: spectra, subspace similarity and "
                 "amplification of the saved adapters (CPU, no data)"),
+    "eval": ("phi3lit.tools.evaluate:evaluate", "downstream scores on lm-evaluation-harness tasks (phi3lit_demo, MMLU, "
+             "GSM8K, ...) of an adapter, a model or a checkpoint"),
     "tiny": ("phi3lit.tiny:tiny", "build a tiny random-init Phi-3 of any tokenizer's vocabulary, for offline dry runs"),
 }  # fmt: skip
 POSITIONAL = {"ablate", "analyze"}  # `ablate SWEEP`, `analyze FOLDER`; the others take --options only
@@ -105,7 +108,7 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
     if isinstance(result, int) and not isinstance(result, bool):  # an exit status (ablate, analyze)
         if result:
             sys.exit(result)
-    elif result is not None:  # the folder written (export, tiny)
+    elif isinstance(result, str | Path):  # the folder written (export, tiny)
         print(f"[phi3lit] {command}: wrote {result}")
 
 

@@ -85,9 +85,10 @@ def at_equal_tokens(curves: dict[str, list[tuple[float, float]]]) -> tuple[float
     return budget, values, where
 
 
-def stats_rows(keys: list[str], rows: list[dict]) -> list[dict]:
+def stats_rows(keys: list[str], rows: list[dict], metrics: list[str] = STAT_METRICS) -> list[dict]:
     """One row per grid point (rows grouped by their `keys` columns): its seeds' mean, std and 95% interval per
-    metric of `STAT_METRICS`, and how it compares to the best.
+    metric of `metrics` (`STAT_METRICS`, and the downstream scores when `eval` ran), and how it compares to the
+    best (by the first of `STAT_METRICS`).
 
     A point whose `eq_val_loss` mean differs from the best point's by less than the larger of the two seed
     standard deviations is marked `within_seed_spread: yes`: the seeds do not tell them apart."""
@@ -101,7 +102,7 @@ def stats_rows(keys: list[str], rows: list[dict]) -> list[dict]:
         stat = {k: v for k, v in zip(keys, combo, strict=True)}
         stat |= {"n_ok": len(done), "n_runs": len(group), "scale": first.get("scale", "")}
         stat |= {"trainable_params": first.get("trainable_params", ""), "eq_tokens": first.get("eq_tokens", "")}
-        for m in STAT_METRICS:
+        for m in metrics:
             st = seed_stats([v for v in (number(r.get(m)) for r in done) if v is not None])
             stat[f"_{m}"] = st
             for part in ("mean", "std", "lo", "hi"):

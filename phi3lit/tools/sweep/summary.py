@@ -72,6 +72,9 @@ def summarize_point(sweep: dict, point: dict) -> dict:
     row["final_val_loss"] = round(val_loss[-1], 4) if val_loss else ""
     row["best_val_ppl"] = round(min(val_ppl), 3) if val_ppl else ""
     row["final_val_ppl"] = round(val_ppl[-1], 3) if val_ppl else ""
+    for tag in sorted(scalars):  # downstream scores that `eval` logged into the point's run (eval/<task>/<metric>)
+        if tag.startswith("eval/") and values(tag):
+            row["eval_" + tag.removeprefix("eval/").replace("/", "_")] = round(values(tag)[-1], 4)
     acc = values("val/token_acc")
     row["val_token_acc"] = round(acc[-1], 4) if acc else ""
     # Steady state: the first window carries start-up (model load, first-step allocations, compilation).
@@ -144,13 +147,14 @@ def summarize(sweep: dict) -> Path:
         r["eq_measured_at"] = "" if value is None else f"{int(t0)}" if t0 == t1 else f"{int(t0)}..{int(t1)}"
         r["eq_method"] = "" if value is None else "measured" if t0 == t1 else "interpolated"
     keys = [short(k) for k in sweep["grid"]]
-    stats = stats_rows(keys, rows)
+    evals = sorted({k for r in rows for k in r if k.startswith("eval_")})  # columns of the scores eval logged
+    stats = stats_rows(keys, rows, [*STAT_METRICS, *evals])
     out = Path(sweep["root"]) / sweep["name"]
     out.mkdir(parents=True, exist_ok=True)
-    columns = keys + (["seed"] if pts and pts[0]["seed"] is not None else []) + SUMMARY_COLUMNS
+    columns = keys + (["seed"] if pts and pts[0]["seed"] is not None else []) + SUMMARY_COLUMNS + evals
     replace_file(out / "summary.csv", csv_text(columns, rows))
     stat_columns = keys + ["n_ok", "n_runs", "scale", "trainable_params", "eq_tokens"]
-    for m in STAT_METRICS:
+    for m in [*STAT_METRICS, *evals]:
         stat_columns += [f"{m}_mean", f"{m}_std", f"{m}_ci95_lo", f"{m}_ci95_hi"]
     stat_columns += ["vs_best", "within_seed_spread"]
     replace_file(out / "summary_stats.csv", csv_text(stat_columns, stats))
