@@ -52,22 +52,36 @@ def lock_run_folder(root: Path, before: set[str] | None = None) -> None:
     except OSError as e:
         raise EnvironmentProblem(f"{path}: cannot open the run lock ({e.strerror or e})") from None
     f = os.fdopen(fd, "r+")  # kept open on purpose: closing it would release the lock
+    holder = take_lock(f)
+    if holder is not None:
+        raise EnvironmentProblem(
+            f"trainer.default_root_dir={str(root)!r} is in use by a running fit ({holder}); wait for it to end, "
+            "or give this run another --trainer.default_root_dir"
+        )
+    sign_lock(f)
+    _held.append(f)
+    _run.update(root=root, before=before, started=False)
+
+
+def take_lock(f) -> str | None:
+    """An exclusive flock on the open lock file `f`, without waiting: None once held, else who holds it (what the
+    holder wrote in it), `f` then closed. The kernel drops an flock when its holder dies: nothing to clean up."""
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise EnvironmentProblem(
-            f"trainer.default_root_dir={str(root)!r} is in use by a running fit ({holder}); wait for it to end, "
-            "or give this run another --trainer.default_root_dir"
-        ) from None
+        return holder
+    return None
+
+
+def sign_lock(f) -> None:
+    """Write who holds the lock (pid and host) into it, for the message of whoever finds it taken."""
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
-    _held.append(f)
-    _run.update(root=root, before=before, started=False)
 
 
 def training_started() -> None:

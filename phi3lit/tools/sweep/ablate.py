@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from phi3lit.errors import ConfigError
+from phi3lit.run.runfolder import sign_lock, take_lock
 from phi3lit.tools.sweep.grid import (
     dry_run as fit_command_line,
 )
@@ -63,21 +63,14 @@ def take_point(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     fd = open_nofollow(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, "the point's lock")
     f = os.fdopen(fd, "r+")  # kept open: closing it releases the lock
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
+    holder = take_lock(f)
+    if holder is not None:
         return None, holder
     fit_holder = fit_lock_holder(folder)
     if fit_holder:
         f.close()
         return None, f"a fit, {fit_holder}"
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
+    sign_lock(f)
     return f, ""
 
 
