@@ -71,9 +71,21 @@ def test_eval_score_is_the_exact_match_of_the_generations_and_lands_in_tensorboa
     assert [v for _, v in logged] == [pytest.approx(3 / 5)]
 
 
-def test_the_demo_task_runs_by_name(run, tmp_path):
-    printed = run_main(["eval", "--adapter", str(run / "adapter"), "--tasks", "[phi3lit_demo]", "--limit", "2"])
-    assert "[phi3lit] eval phi3lit_demo: exact_match " in printed
+def test_a_checkpoint_scores_as_its_adapter_and_the_demo_task_runs_by_name(run_dir, tmp_path):
+    """`--ckpt` exports the LoRA weights and scores them: the same generations as the run's own adapter."""
+    for name, source in (("adapter", ["--adapter", str(run_dir / "adapter")]),
+                         ("ckpt", ["--ckpt", str(run_dir / "checkpoints" / "last.ckpt")])):  # fmt: skip
+        printed = run_main(["eval", *source, "--tasks", "[phi3lit_demo]", "--limit", "2", "--output_path",
+                            str(tmp_path / name)])  # fmt: skip
+        assert "[phi3lit] eval phi3lit_demo: exact_match " in printed
+    generations = [
+        [
+            json.loads(line)["resps"]
+            for line in (tmp_path / name / "samples_phi3lit_demo.jsonl").read_text().splitlines()
+        ]
+        for name in ("adapter", "ckpt")
+    ]
+    assert generations[0] == generations[1] and len(generations[0]) == 2
 
 
 def test_eval_needs_exactly_one_thing_to_score(capsys):
