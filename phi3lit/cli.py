@@ -186,7 +186,9 @@ class Phi3LitCLI(LightningCLI):
                 cb.resuming = True
         if ckpt_path in ("best", "hpc", "registry") or not Path(self.config_init.fit.ckpt_path).suffix:
             return
-        saved = read_checkpoint(self.config_init.fit.ckpt_path).get("phi3lit_config")
+        checkpoint = read_checkpoint(self.config_init.fit.ckpt_path)
+        check_optimizer_layout(checkpoint, config, self.config_init.fit.ckpt_path)
+        saved = checkpoint.get("phi3lit_config")
         if saved is None:  # written before phi3lit saved its config in checkpoints
             return
         diffs = resume_diff(saved, flat_config(config))
@@ -240,6 +242,23 @@ class Phi3LitCLI(LightningCLI):
             # No bar asked for: the default StepProgressBar steps aside (Lightning refuses a bar with the switch off).
             bar = "phi3lit.run.progress.StepProgressBar"
             config.trainer.callbacks = [c for c in config.trainer.callbacks if getattr(c, "class_path", None) != bar]
+
+
+def check_optimizer_layout(checkpoint: dict, config, path: str) -> None:
+    """FSDP2's loader lays a checkpoint's optimizer state over all parameters by position (frozen ones included), as
+    an FSDP2 run saved it; a run without FSDP2 keyed it by position over the trainable parameters only, so FSDP2
+    would put it on the wrong tensors (a shape error deep in the load). Refused here in one line; the other way
+    round (FSDP2 onto one process or DDP) works. Which run wrote it: the config it saved (`phi3lit_config`)."""
+    if "modelparallelstrategy" not in str(config.trainer.strategy).lower():
+        return
+    saved = checkpoint.get("phi3lit_config") or {}
+    written = " ".join(str(v) for k, v in saved.items() if k.startswith("trainer.strategy"))
+    if saved and "ModelParallelStrategy" not in written:
+        raise CheckpointError(
+            f"--ckpt_path {path}: written by a run without FSDP2 (its optimizer state is keyed by position over "
+            "the trainable parameters), which FSDP2 cannot restore; resume it as it was trained (one process or "
+            "DDP), or start the FSDP2 run afresh"
+        )
 
 
 class DataReportCLI(Phi3LitCLI):

@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors import SafetensorError
 
@@ -33,7 +33,7 @@ class SaveAdapter(AdapterWriter):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         preempted = was_preempted(trainer)
-        sharded = isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy)
+        sharded = isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy)  # FSDP2 too
         if sharded:  # the final last.ckpt (RunGuard.on_train_end) was gathered by every rank: wait for it
             trainer.strategy.barrier()
         if not trainer.is_global_zero or preempted or trainer.fast_dev_run:  # unfinished, or only a check

@@ -364,3 +364,21 @@ def untie_for_merge(model: nn.Module) -> bool:
         if config is not None and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
     return True
+
+
+# ---------------------------------------------------------------------------- FSDP2 (ModelParallelStrategy)
+def shard_fsdp2(model: nn.Module, mesh, mp_policy=None) -> None:
+    """Shard a peft Phi-3 with FSDP2 (`fully_shard`) over `mesh`: each decoder layer, then the trunk as the root.
+
+    phi3lit calls the trunk (`Phi3Model`), never the causal LM's forward, so the trunk is the root unit: its
+    forward gathers the embedding and the final norm, and it stays gathered until backward. The frozen LM head,
+    whose weight the fused loss reads directly (phi3lit.model.loss), is not sharded: every rank holds it whole
+    (vocab x hidden; with tied embeddings it is the root's embedding). A trained head is refused at config time.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh} | ({"mp_policy": mp_policy} if mp_policy is not None else {})
+    causal_lm = model.get_base_model()
+    for layer in causal_lm.model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(causal_lm.model, **kwargs)

@@ -25,7 +25,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
@@ -47,6 +47,7 @@ from phi3lit.model.lora import (
     install_slice_masks,
     logical_numel,
     lora_state_dict,
+    shard_fsdp2,
     trainable_by_module,
 )
 from phi3lit.model.loss import chunked_cross_entropy
@@ -56,6 +57,7 @@ from phi3lit.model.quantization import quantization_config
 from phi3lit.model.rope import install_document_rope
 
 LOSS_UNIT_TOKENS = 1024  # the unit the summed loss is backpropagated in; a power of two, so undone exactly
+SHARDED = FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy  # parameters are shards, not whole tensors
 
 
 class Phi3LoRA(L.LightningModule):
@@ -182,6 +184,8 @@ class Phi3LoRA(L.LightningModule):
         # predict loops switch and restore them), so set train mode here: transformers checkpoints a layer only
         # when `self.training`, and LoRA dropout is active only then.
         self.model.train()
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (configs/strategy/fsdp2.yaml)
+            shard_fsdp2(self.model, self.device_mesh["data_parallel"])
         if hp.compile:
             for layer in base.model.layers:  # the layers share code, so they share the compiled graphs
                 layer.compile(dynamic=True)  # row widths vary by batch: one graph for all of them
@@ -276,6 +280,8 @@ class Phi3LoRA(L.LightningModule):
         norm = torch.nn.utils.get_total_norm(grads)  # before clipping
         if isinstance(strategy, FSDPStrategy):  # each rank holds a shard of every gradient: combine the squares
             norm = strategy.reduce(norm.float() ** 2, reduce_op="sum").sqrt()
+        elif hasattr(norm, "full_tensor"):  # FSDP2: the norm of DTensor shards is global already (a replicated DTensor)
+            norm = norm.full_tensor()
         self._grad_norm = norm  # clipping (configure_gradient_clipping) uses it, so the norm is taken once
         # Flags a NaN/inf step on the device and makes the optimizer skip it (phi3lit.model.guard: no host sync).
         self.guard.record(
@@ -330,7 +336,7 @@ class Phi3LoRA(L.LightningModule):
         self.log("step", float(self.trainer.global_step))  # the x of the state evaluated (see on_before_optimizer_step)
         self.log(f"{prefix}/ppl", torch.exp(loss))
         self.log(f"{prefix}/token_acc", self.val_correct.compute() / tokens)
-        if prefix == "val" and not isinstance(self.trainer.strategy, FSDPStrategy | DeepSpeedStrategy):
+        if prefix == "val" and not isinstance(self.trainer.strategy, SHARDED):
             # Where the adaptation goes: ‖scale·B·A‖_F per module (or slice), from the weights alone (r x r products).
             self.log_dict(lora_delta_norms(self.model, per_layer=False))
         for metric in (self.val_loss_sum, self.val_tokens, self.val_correct):
@@ -385,7 +391,7 @@ class Phi3LoRA(L.LightningModule):
                 + "; ".join(f"model.lora.{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in diff.items())
             )
         self._rng_to_restore = checkpoint.get("rng")
-        if self.model is not None:
+        if self.model is not None and "state_dict" in checkpoint:  # ModelParallelStrategy has loaded it already
             missing = self.adapter_state_names() - set(checkpoint["state_dict"])
             if missing:
                 raise CheckpointError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[0]}")

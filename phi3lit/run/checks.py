@@ -80,38 +80,79 @@ def check_positions(config) -> None:
 
 
 def check_strategy(config) -> None:
-    """Combinations with a sharding strategy that phi3lit cannot verify without GPUs are refused, not run unverified.
+    """Combinations with a sharding strategy that phi3lit has not verified are refused, not run unverified.
 
-    Lightning's FSDP and DeepSpeed run only on GPUs, so nothing here exercises them. Two parts of phi3lit are
-    known not to carry over as they are: slice targets hold their zero blocks with gradient hooks on the original
-    LoRA parameters, which FSDP's flat parameters (and DeepSpeed's partitions) bypass; and sample replies are
-    generated on rank 0 alone, which deadlocks where every forward needs all ranks (FSDP, ZeRO-3).
+    Lightning's FSDP (FSDP1) and DeepSpeed run only on GPUs, so nothing here exercises them; FSDP2
+    (`ModelParallelStrategy`, configs/strategy/fsdp2.yaml) is verified on the CPU with gloo, for what
+    `_check_fsdp2` lets through. Two parts of phi3lit are known not to carry over as they are: slice targets hold
+    their zero blocks with gradient hooks on the original LoRA parameters, which sharded parameters bypass; and
+    sample replies are generated on rank 0 alone, which deadlocks where every forward needs all ranks.
     """
     strategy = str(config.trainer.strategy).lower()
-    sharded = "fsdp" in strategy or "deepspeed" in strategy
-    if not sharded:
+    fsdp2 = "modelparallelstrategy" in strategy
+    if not (fsdp2 or "fsdp" in strategy or "deepspeed" in strategy):
         return
-    name = "FSDP" if "fsdp" in strategy else "DeepSpeed"
+    name = "FSDP2" if fsdp2 else "FSDP" if "fsdp" in strategy else "DeepSpeed"
     plugins = config.trainer.plugins
     plugins = plugins if isinstance(plugins, list) else [plugins]
     if any("AtomicCheckpointIO" in str(getattr(p, "class_path", p)) for p in plugins):
         raise ConfigError(
             f"trainer.plugins: phi3lit.checkpoint.AtomicCheckpointIO writes one local file per checkpoint; {name} "
-            "writes its own sharded checkpoints with its own IO: set trainer.plugins null (the configs/strategy "
-            "overlays do)"
+            "writes its own (gathered or sharded) checkpoints with its own IO: set trainer.plugins null (the "
+            "configs/strategy overlays do)"
         )
     sliced = [m for m, s in resolve_targets(config.model.lora.targets).items() if s is not None]
     if sliced:
         raise ConfigError(
             f"model.lora.targets={config.model.lora.targets} adapts slices of {', '.join(sliced)}, whose zero blocks "
-            f"are held by gradient hooks that {name}'s sharded parameters bypass (not verified without GPUs): target "
-            "whole modules (qkv_proj, gate_up_proj) under this strategy, or use DDP"
+            f"are held by gradient hooks that {name}'s sharded parameters bypass: target whole modules (qkv_proj, "
+            "gate_up_proj) under this strategy, or use DDP"
         )
     if config.samples.prompts or config.samples.prompts_file:
         raise ConfigError(
             f"samples.prompts: sample replies are generated on rank 0 alone, which would deadlock under {name} (every "
             "forward needs all ranks); set samples.prompts=[] and samples.prompts_file=null, and use predict after fit"
         )
+    if fsdp2:
+        _check_fsdp2(config)
+    else:
+        rank_zero_info(
+            f"[phi3lit] warning: trainer.strategy {name} is untested here (no GPU run has verified it; see "
+            "docs/scaling.md); configs/strategy/fsdp2.yaml is the sharded path the test suite runs"
+        )
+
+
+def _check_fsdp2(config) -> None:
+    """What phi3lit's FSDP2 sharding (Phi3LoRA.configure_model) covers; the rest is refused, naming the key."""
+    trainer, model = config.trainer, config.model
+    args = config.trainer.strategy.get("init_args") or Namespace()
+    dp, tp = args.get("data_parallel_size", "auto"), args.get("tensor_parallel_size", "auto")
+    if tp != 1:
+        raise ConfigError(
+            f"trainer.strategy.init_args.tensor_parallel_size={tp}: phi3lit shards with FSDP2 only (no tensor "
+            "parallelism); set it to 1 (configs/strategy/fsdp2.yaml does)"
+        )
+    devices = trainer.devices
+    devices = int(devices) if isinstance(devices, int) or str(devices).isdigit() else None
+    processes = devices * (trainer.num_nodes or 1) if devices is not None else None
+    if not isinstance(dp, int) or (processes is not None and dp != processes):
+        raise ConfigError(
+            f"trainer.strategy.init_args.data_parallel_size={dp}: FSDP2 shards over all processes, so it must be "
+            f"trainer.devices x trainer.num_nodes ({trainer.devices} x {trainer.num_nodes or 1}); set both"
+        )
+    trained = set(model.lora.modules_to_save) | set(resolve_targets(model.lora.targets))
+    head = sorted(m for m in trained if m in ("lm_head", "embed_tokens", "embed"))
+    if head:
+        raise ConfigError(
+            f"model.lora: {', '.join(head)} trained under FSDP2 is not verified (the LM head is kept whole on every "
+            "rank and read directly by the fused loss): train the decoder layers only, or use DDP"
+        )
+    for key, value, why in (
+        ("quantization", model.quantization, "bitsandbytes 4-bit weights are not sharded by FSDP2 here"),
+        ("compile", model.compile, "torch.compile of sharded layers is not verified"),
+    ):
+        if value:
+            raise ConfigError(f"model.{key}={value}: not supported under FSDP2 ({why}); drop it or use DDP")
 
 
 def check_devices(config) -> None:
