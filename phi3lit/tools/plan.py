@@ -99,7 +99,12 @@ def estimate(
     max_length: int,
     gradient_checkpointing: bool,
     quantization: str | None = None,
+    shards: int = 1,
 ) -> dict:
+    """Counts and a per-device memory estimate. `shards` > 1: FSDP2 over that many processes
+    (configs/strategy/fsdp2.yaml): the decoder layers' weights, the LoRA weights, their gradients and AdamW's state
+    are split `shards` ways; the rest of the base (embeddings, final norm, LM head) is held whole, as phi3lit
+    shards it, and one decoder layer is gathered whole at a time (its working copy)."""
     from transformers import AutoModelForCausalLM
 
     config = load_config(pretrained)
@@ -129,9 +134,15 @@ def estimate(
             if isinstance(m, torch.nn.Linear) and "lora_" not in name
         )
         frozen = linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8 + (total - adapter_numel - linear) * 4
+    if shards > 1:  # FSDP2: the layers' share of the frozen bytes is split, plus one gathered layer
+        layer_frozen = sum(
+            p.numel() for n, p in model.get_base_model().model.layers.named_parameters() if "lora_" not in n
+        )
+        layer_share = frozen * layer_frozen / (total - adapter_numel)
+        frozen = frozen - layer_share + layer_share / shards + layer_share / config.num_hidden_layers
     parts = {
         "frozen weights": frozen,
-        "LoRA weights + grads + AdamW": adapter_numel * lora_bytes * 4,
+        "LoRA weights + grads + AdamW": adapter_numel * lora_bytes * 4 / shards,
         "activations": activations,
         "logits (upper bound)": tokens * config.vocab_size * 8,
     }
@@ -143,6 +154,7 @@ def estimate(
         "activation_bytes_per_token_layer": act,
         "memory": parts,
         "memory_total": sum(parts.values()),
+        "shards": shards,
     }
 
 
@@ -155,11 +167,22 @@ def report(result: dict, title: str) -> str:
     lines.append(f"adapter file (fp32): {result['adapter_bytes'] / 2**20:,.1f} MiB")
     # A Lightning checkpoint holds the LoRA tensors plus AdamW's two moments (and small loop state).
     lines.append(f"checkpoint (LoRA + AdamW state, fp32): {3 * result['adapter_bytes'] / 2**20:,.1f} MiB")
-    lines.append("training memory estimate (one device):")
+    shards = result.get("shards", 1)
+    where = "one device" if shards == 1 else f"per device, FSDP2 over {shards} processes"
+    lines.append(f"training memory estimate ({where}):")
     for k, v in result["memory"].items():
         lines.append(f"  {k:<30} {v / gib:8.2f} GiB")
     lines.append(f"  {'total':<30} {result['memory_total'] / gib:8.2f} GiB  (+5-15% allocator overhead)")
     return "\n".join(lines)
+
+
+def fsdp2_shards(config) -> int:
+    """How many ways FSDP2 splits the model under the config's strategy (1 without ModelParallelStrategy)."""
+    strategy = config.trainer.strategy
+    if "ModelParallelStrategy" not in str(getattr(strategy, "class_path", strategy)):
+        return 1
+    size = (strategy.get("init_args") or {}).get("data_parallel_size", 1)
+    return size if isinstance(size, int) and size > 1 else 1
 
 
 def plan_from_cli(cli) -> str:
@@ -173,6 +196,7 @@ def plan_from_cli(cli) -> str:
         dhp.max_length,
         hp.gradient_checkpointing,
         hp.quantization,
+        fsdp2_shards(cli.config),
     )
     quantized = ", 4-bit NF4 base" if hp.quantization else ""
     title = (
