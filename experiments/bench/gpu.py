@@ -7,8 +7,9 @@ Random-init Phi-3-mini (3.8 B, hidden 3072, 32 layers), bf16 base, fp32 LoRA r=1
 rows of 4096 tokens packed by phi3lit's collate from conversations of random lengths, half the positions trained,
 through `Phi3LoRA.token_losses` (the step phi3lit trains with). For sdpa_docs (and flash_attention_2 with varlen
 offsets when flash-attn is installed) x gradient checkpointing on/off x chunked cross-entropy on/off, plus sdpa
-with transformers' dense mask as a reference, it reports tokens/s, MFU against 989 TFLOP/s (H100/H200 dense
-bf16) and against a bf16 matmul peak measured here, and peak CUDA memory. Target: >= 25,000 tokens/s and
+with transformers' dense mask as a reference and phi3lit's FSDP2 sharding on one device (its wrappers' cost),
+it reports tokens/s, MFU against 989 TFLOP/s (H100/H200 dense bf16) and against a bf16 matmul peak measured here,
+and peak CUDA memory. Target: >= 25,000 tokens/s and
 <= 30 GB without checkpointing. MFU counts phi3lit.run.monitor.model_flops: 4 x frozen + 6 x trainable FLOPs per
 token, the LM head at trained positions, attention within each conversation.
 """
@@ -23,7 +24,7 @@ import time
 import torch
 
 from phi3lit.data import collate
-from phi3lit.model.lora import LoraSpec, apply_lora
+from phi3lit.model.lora import LoraSpec, apply_lora, shard_fsdp2
 from phi3lit.model.module import Phi3LoRA
 from phi3lit.run.monitor import measure_matmul_flops, model_flops
 
@@ -49,7 +50,9 @@ def packed_batch(rows: int, length: int, vocab: int, generator) -> dict:
     return collate(convs, pad_id=0)
 
 
-def run(shape: dict, attn: str, checkpointing: bool, ce_chunk: int, rows: int, steps: int, device) -> dict:
+def run(
+    shape: dict, attn: str, checkpointing: bool, ce_chunk: int, rows: int, steps: int, device, fsdp2: bool = False
+) -> dict:
     """Phi3LoRA.token_losses (the training step phi3lit runs) on a random-init model built on the device."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -62,6 +65,10 @@ def run(shape: dict, attn: str, checkpointing: bool, ce_chunk: int, rows: int, s
         base.gradient_checkpointing_enable({"use_reentrant": False})
     module = Phi3LoRA(attn_implementation=attn, ce_chunk=ce_chunk)
     module.model = apply_lora(base, LoraSpec(r=16, alpha=32, dropout=0.0, targets=["all-linear"])).train()
+    if fsdp2:  # phi3lit's FSDP2 sharding (configure_model under configs/strategy/fsdp2.yaml), over this one device
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shard_fsdp2(module.model, init_device_mesh(device.type, (1,)))
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -93,8 +100,21 @@ def run(shape: dict, attn: str, checkpointing: bool, ce_chunk: int, rows: int, s
     del module, base, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"attn": attn, "checkpointing": checkpointing, "ce_chunk": ce_chunk, "tokens_per_sec": tokens / seconds,
+    return {"attn": attn, "checkpointing": checkpointing, "ce_chunk": ce_chunk, "fsdp2": fsdp2,
+            "tokens_per_sec": tokens / seconds,
             "tflops": flops / seconds / 1e12, "peak_memory_gb": peak_mem}  # fmt: skip
+
+
+def _init_single_process_group(device) -> None:
+    """A one-process group (FSDP2 needs one even on a single device)."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def main() -> None:
@@ -112,11 +132,15 @@ def main() -> None:
     peak = measure_matmul_flops(device, dtype, n=1024 if smoke else 8192)
     print(f"device {device}, measured {dtype} matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
     attns = ["sdpa_docs"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") and not smoke else [])
-    configs = [(attn, gc, ce) for attn in attns for gc in (False, True) for ce in (0, 4096)]
-    configs.append(("sdpa", False, 0))  # reference: transformers' dense block-diagonal mask
+    configs = [(attn, gc, ce, False) for attn in attns for gc in (False, True) for ce in (0, 4096)]
+    configs.append(("sdpa", False, 0, False))  # reference: transformers' dense block-diagonal mask
+    # FSDP2 on one device: the cost of phi3lit's sharding wrappers (gather/free per layer) on the step; with several
+    # GPUs, torchrun this script's FSDP2 case or fit with configs/strategy/fsdp2.yaml.
+    configs.append(("sdpa_docs", True, 4096, True))
+    _init_single_process_group(device)
     results = []
-    for attn, checkpointing, ce_chunk in configs:
-        r = run(shape, attn, checkpointing, ce_chunk, rows, steps, device)
+    for attn, checkpointing, ce_chunk, fsdp2 in configs:
+        r = run(shape, attn, checkpointing, ce_chunk, rows, steps, device, fsdp2)
         r["mfu_spec"] = r["tflops"] * 1e12 / SPEC_PEAK
         r["mfu_measured"] = r["tflops"] * 1e12 / peak
         print(json.dumps(r), flush=True)

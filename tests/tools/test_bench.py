@@ -24,5 +24,5 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert len(results) == 5 and all(r["tokens_per_sec"] > 0 for r in results)
-    assert {r["attn"] for r in results} == {"sdpa_docs", "sdpa"}
+    assert len(results) == 6 and all(r["tokens_per_sec"] > 0 for r in results)
+    assert {r["attn"] for r in results} == {"sdpa_docs", "sdpa"} and [r["fsdp2"] for r in results].count(True) == 1
