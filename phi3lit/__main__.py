@@ -62,7 +62,8 @@ COMMANDS = {
                 "amplification of the saved adapters (CPU, no data)"),
     "eval": ("phi3lit.tools.evaluate:evaluate", "downstream scores on lm-evaluation-harness tasks (phi3lit_demo, MMLU, "
              "GSM8K, ...) of an adapter, a model or a checkpoint"),
-    "tiny": ("phi3lit.tiny:tiny", "build a tiny random-init Phi-3 of any tokenizer's vocabulary, for offline dry runs"),
+    "tiny": ("phi3lit.tiny:tiny", "build a tiny Phi-3 of any tokenizer's vocabulary (random-init, or pretrained "
+             "on the lab's world)"),
 }  # fmt: skip
 POSITIONAL = {"ablate", "analyze"}  # `ablate SWEEP`, `analyze FOLDER`; the others take --options only
 

@@ -23,7 +23,9 @@ def scalars(run_dir, tag):
 def test_train_loss_falls_and_val_is_logged(run_dir):
     loss = scalars(run_dir, "train/loss")
     k = max(1, len(loss) // 10)
-    assert sum(loss[-k:]) / k < sum(loss[:k]) / k - 1.0  # visibly: more than 1 nat
+    # The pretrained base already knows the chat format, so the first loss is low; the facts' answers take it down
+    # by far more than 10x.
+    assert sum(loss[-k:]) / k < sum(loss[:k]) / k / 10
     val = scalars(run_dir, "val/loss")
     assert len(val) == 3 and val[-1] < val[0]
     assert len(scalars(run_dir, "val/ppl")) == 3
@@ -35,7 +37,7 @@ def test_checkpoint_holds_only_lora_and_training_state(run_dir):
     keys = list(ckpt["state_dict"])
     assert len(keys) == 2 * 2 * 4  # 2 layers x 4 targets x (A, B)
     assert all(".lora_A." in k or ".lora_B." in k for k in keys)
-    assert ckpt["global_step"] == 150
+    assert ckpt["global_step"] == 300
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
     assert ckpt["phi3lit"]["lora"]["r"] == 16
     # LoRA weights + two AdamW moments in fp32 (what `plan` predicts), plus a little loop state; no base.

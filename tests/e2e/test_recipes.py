@@ -114,8 +114,8 @@ def test_every_shipped_config_runs_as_shipped_and_each_setting_takes_effect(conf
     steps, output = fit_with_output(config, data, tmp_path / "run", *extra, config_files=files)
     assert [s["step"] for s in steps][:3] == [1, 2, 3]  # rank 0's steps (the probe writes there only)
     # Counts are of the weights the model stands for, 4-bit packed ones included (QLoRA): the tiny model's
-    # 1,574,144 base parameters plus 114,688 LoRA ones, whatever the storage.
-    assert "trainable params: 114,688 || all params: 1,688,832" in output
+    # 1,869,056 base parameters plus 114,688 LoRA ones, whatever the storage.
+    assert "trainable params: 114,688 || all params: 1,983,744" in output
     assert all(s["training_mode"] for s in steps)  # LoRA dropout and checkpointing need train mode
     # Gradient checkpointing: every layer is run again in backward, and far fewer activation bytes are kept.
     recomputed = sum(s["layer_forwards"]["backward"] for s in steps)

@@ -153,6 +153,9 @@ BAD_SWEEPS = {  # file text -> what the one-line message must say after `<file>:
         f"base: {TINY_BASE}\ngrid: {{model.lora.alpha: [rslora]}}\nfixed: {{model.lora.use_rslora: false}}\n",
         "rslora sets model.lora.use_rslora",
     ),
+    "eval_not_tasks": (f"base: {TINY_BASE}\ngrid: {{model.lora.r: [4]}}\neval: phi3lit_demo\n", "eval: must be a list"),
+    "eval_limit": (f"base: {TINY_BASE}\ngrid: {{model.lora.r: [4]}}\neval: {{tasks: [a], limit: 0}}\n",
+                   "eval: limit: must be a positive number"),
 }  # fmt: skip
 
 
@@ -196,6 +199,8 @@ def test_dry_run_prints_each_points_fit_command(sweep_file, tmp_path, capsys):
 def test_lr_sweep_summary_has_steady_tokens_per_sec_a_log10_lr_plot_and_eval_scores(sweep_file, tmp_path):
     sweep = yaml.safe_load(sweep_file.read_text())
     sweep["grid"] = {LR_KEY: [1e-4, 1e-3]}
+    if importlib.util.find_spec("lm_eval") is not None:  # ablate runs `eval` on each point's adapter after its fit
+        sweep["eval"] = {"tasks": ["phi3lit_demo"], "limit": 2}
     sweep["fixed"] |= {"model.lora.r": 4, "model.lora.targets": ["q", "v"], "trainer.log_every_n_steps": 1}
     path = tmp_path / "lr.yaml"
     path.write_text(yaml.safe_dump(sweep))
@@ -216,14 +221,10 @@ def test_lr_sweep_summary_has_steady_tokens_per_sec_a_log10_lr_plot_and_eval_sco
     ticks = " ".join(t.get_text() for t in fig.axes[0].get_xticklabels())
     assert len(fig.axes) == 1 and "10^{-4}" in ticks and "10^{-3}" in ticks, ticks
 
-    # `eval` on each point's adapter logs into the point's TensorBoard; the next summary has the score as a column
-    # per run and its mean over seeds per point.
+    # The sweep's `eval:` scored each point's adapter into the point's TensorBoard; the summary has the score as a
+    # column per run and its mean over seeds per point.
     if importlib.util.find_spec("lm_eval") is None:
         return
-    for point in points(load_sweep(path)):
-        main(["eval", "--adapter", str(out / point["name"] / "adapter"), "--tasks", "[phi3lit_demo]", "--limit", "2"])
-    assert ablate(path, "--root", tmp_path, "--summarize", "true").returncode == 0
-    rows = list(csv.DictReader((out / "summary.csv").open()))
     stats = list(csv.DictReader((out / "summary_stats.csv").open()))
     for row, stat, point in zip(rows, stats, points(load_sweep(path)), strict=True):
         logged = read_scalars(str(out / point["name"] / "tb"))["eval/phi3lit_demo/exact_match"]

@@ -93,3 +93,12 @@ def test_eval_needs_exactly_one_thing_to_score(capsys):
         main(["eval", "--tasks", "[phi3lit_demo]"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "give exactly one of --adapter DIR, --model NAME_OR_DIR or --ckpt FILE" in err
+
+
+def test_a_task_whose_data_is_out_of_reach_is_refused_in_one_line(capsys):
+    """MMLU, GSM8K, IFEval... download their data: offline (as every test runs) that is one line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", "builtin:tiny-phi3", "--tasks", "[mmlu_abstract_algebra]", "--limit", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "eval --tasks ['mmlu_abstract_algebra']: the task data cannot be downloaded here" in err, err

@@ -36,6 +36,7 @@ from phi3lit.tools.sweep.grid import (
     dry_run as fit_command_line,
 )
 from phi3lit.tools.sweep.grid import (
+    eval_args,
     fit_args,
     has_checkpoint,
     load_sweep,
@@ -140,6 +141,12 @@ def run_point(sweep: dict, point: dict, progress: str = "") -> str:
             write_status(folder, status="stopped", wall_s=wall)
             print(f"{label}: stopped by a signal before its last step; a rerun resumes it", flush=True)
             return "stopped"
+        if proc.returncode == 0 and sweep["eval"]:  # downstream scores, into the point's TensorBoard
+            fd = open_nofollow(folder / "fit.log", os.O_WRONLY | os.O_APPEND, "the point's fit log")
+            with os.fdopen(fd, "a") as log:
+                offset = log.tell()
+                cmd = [sys.executable, "-m", "phi3lit", *eval_args(sweep, point)]
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode == 0:
             write_status(folder, status="ok", wall_s=wall)
         else:

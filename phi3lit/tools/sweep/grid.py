@@ -8,6 +8,8 @@ A sweep file names a base config, a grid of CLI overrides, optional fixed overri
       model.lora.targets: [[q, v], attn, all-linear]
     fixed: {trainer.max_steps: 100}
     seeds: [0, 1]
+    eval: [phi3lit_demo]    # optional: lm-eval tasks scored on each point's adapter after its fit
+                            # ({tasks: [...], limit: N} scores the first N documents of each)
 
 `load_sweep` checks it (anything wrong is a one-line ConfigError naming the file) and `points` expands it into
 grid x seeds, in a stable order. A point is named after its grid values by the last part of each key
@@ -47,7 +49,7 @@ from phi3lit.tools.sweep.stats import number
 ALPHA_KEY, RSLORA_KEY, RANK_KEY = "model.lora.alpha", "model.lora.use_rslora", "model.lora.r"
 BATCH_KEY, VAL_BATCH_KEY = "data.batch_size", "data.val_batch_size"
 LORA_DEFAULTS = {RANK_KEY: 16, ALPHA_KEY: 32.0, RSLORA_KEY: False}  # phi3lit.model.lora.LoraSpec's defaults
-SWEEP_KEYS = {"base", "grid", "fixed", "seeds", "name", "root"}
+SWEEP_KEYS = {"base", "grid", "fixed", "seeds", "name", "root", "eval"}
 
 
 # ---------------------------------------------------------------------------- the sweep file
@@ -105,6 +107,15 @@ def load_sweep(path: str | Path) -> dict:
     seeds = sweep.get("seeds")
     if seeds is not None and (not isinstance(seeds, list) or not seeds):
         raise ConfigError(f"{path}: seeds: must be a non-empty list, e.g. [0, 1], got {seeds!r}")
+    spec = sweep.get("eval") or []
+    spec = spec if isinstance(spec, dict) else {"tasks": spec}
+    tasks, limit = spec.get("tasks"), spec.get("limit")
+    if set(spec) - {"tasks", "limit"} or not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise ConfigError(f"{path}: eval: must be a list of lm-eval task names, e.g. [phi3lit_demo], or "
+                          f"{{tasks: [...], limit: N}}; got {sweep.get('eval')!r}")  # fmt: skip
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"{path}: eval: limit: must be a positive number of documents, got {limit!r}")
+    sweep["eval"] = {"tasks": tasks, "limit": limit} if tasks else None
     sweep["fixed"] = fixed
     sweep["seeds"] = seeds or [None]
     sweep["name"] = safe_name(str(sweep.get("name") or path.stem))  # `name: ../../x` stays under the root
@@ -248,6 +259,14 @@ def cli_value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def eval_args(sweep: dict, point: dict) -> list[str]:
+    """The point's `eval` command (after its fit): the sweep's tasks on the point's adapter; the scores go to the
+    point's TensorBoard, where the summary reads them."""
+    spec = sweep["eval"]
+    limit = ["--limit", str(spec["limit"])] if spec["limit"] else []
+    return ["eval", "--adapter", str(point_dir(sweep, point) / "adapter"), "--tasks", cli_value(spec["tasks"]), *limit]
+
+
 def fit_args(sweep: dict, point: dict, resume: bool) -> list[str]:
     args = ["fit", "--config", str(sweep["base"]), "--trainer.default_root_dir", str(point_dir(sweep, point))]
     for key, value in point["overrides"].items():
@@ -260,12 +279,15 @@ def fit_args(sweep: dict, point: dict, resume: bool) -> list[str]:
 
 
 def dry_run(sweep: dict, point: dict, index: int) -> str:
-    """`# index name (what a run would do)` and the exact fit command, as a user would type it."""
+    """`# index name (what a run would do)` and the exact fit command (and eval command, when the sweep has
+    `eval:`), as a user would type them."""
     folder = point_dir(sweep, point)
     state = read_status(folder).get("status", "pending")
     resume = state != "ok" and has_checkpoint(folder)
     note = "done, would be skipped" if state == "ok" else "would resume from its newest checkpoint" if resume else state
     command = shlex.join(["python", "-m", "phi3lit", *fit_args(sweep, point, resume)])
+    if sweep["eval"]:
+        command += "\n" + shlex.join(["python", "-m", "phi3lit", *eval_args(sweep, point)])
     return f"# {index} {point['name']} ({note})\n{command}"
 
 
