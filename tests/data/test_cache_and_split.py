@@ -25,7 +25,7 @@ def data_report(capsys, cache, *extra) -> str:
 def test_cache_key_follows_the_special_tokens_the_template_renders(tmp_path, tiny_path, capsys, token):
     cache = tmp_path / "cache"
     first = data_report(capsys, cache)
-    assert "tokenized      1,140 conversations now" in first
+    assert "tokenized      2,000 conversations now" in first
     same = tmp_path / "same"  # the same files in another folder: their location is not part of the key
     shutil.copytree(tiny_path, same)
     assert "read from the cache" in data_report(capsys, cache, "--model.pretrained", str(same))
@@ -36,7 +36,7 @@ def test_cache_key_follows_the_special_tokens_the_template_renders(tmp_path, tin
     config[token] = "</s>" if token == "eos_token" else "<|endoftext|>"  # another token the vocabulary has
     (changed / "tokenizer_config.json").write_text(json.dumps(config))
     again = data_report(capsys, cache, "--model.pretrained", str(changed))
-    assert "tokenized      1,140 conversations now" in again and "read from the cache" not in again
+    assert "tokenized      2,000 conversations now" in again and "read from the cache" not in again
 
 
 # ---------------------------------------------------------------------------- nothing to train
@@ -51,7 +51,8 @@ def test_a_run_with_nothing_to_train_fails_with_the_counts(tmp_path, capsys):
     long = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": long_reply}] for _ in range(10)]
     data = write_jsonl(tmp_path / "d.jsonl", prompts + long)
     root = tmp_path / "run"
-    args = ["fit", "--config", TINY, "--data.train_file", str(data), "--trainer.default_root_dir", str(root)]
+    args = ["fit", "--config", TINY, "--data.train_file", str(data), "--data.val_file", "null"]
+    args += ["--trainer.default_root_dir", str(root)]
     settings = ["--data.max_length", "64", "--data.truncation", "drop", "--data.cache_dir", str(tmp_path / "c")]
     with pytest.raises(SystemExit) as e:
         main([*args, *settings])
@@ -128,9 +129,9 @@ def message_ends(path) -> list[int]:
 @pytest.mark.parametrize("cut", ["batch boundary", "mid-batch"])
 def test_a_damaged_cache_is_rebuilt_never_read(tmp_path, capsys, caplog, cut):
     cache = tmp_path / "cache"
-    assert "tokenized      1,140 conversations now" in data_report(capsys, cache)
+    assert "tokenized      2,000 conversations now" in data_report(capsys, cache)
     assert not list(cache.glob("phi3lit-tmp-*"))
-    train = max(cache.glob("*.arrow"), key=lambda p: p.stat().st_size)  # 1,140 of the 1,200 conversations
+    train = max(cache.glob("*.arrow"), key=lambda p: p.stat().st_size)  # the 2,000 training conversations
     ends = message_ends(train)
     assert len(ends) >= 3  # the schema and at least two record batches of 1,000 rows
     size = ends[1] if cut == "batch boundary" else (ends[1] + ends[2]) // 2
@@ -139,7 +140,7 @@ def test_a_damaged_cache_is_rebuilt_never_read(tmp_path, capsys, caplog, cut):
     caplog.clear()
     report = data_report(capsys, cache)
     assert f"[phi3lit] cache: {train} is damaged" in caplog.text
-    assert "examples       1,140" in report and "tokenized      1,140 conversations now" in report
+    assert "examples       2,000" in report and "tokenized      2,000 conversations now" in report
     assert train.stat().st_size > size and len(message_ends(train)) == len(ends)
     assert "read from the cache" in data_report(capsys, cache)  # the rebuilt file is good
 
@@ -170,7 +171,8 @@ REPLY = {"role": "assistant", "content": "Fine."}
 def fit_error(tmp_path, capsys, data) -> str:
     """Run `fit` on `data`; it must stop before training with a one-line data error and exit code 2."""
     root = tmp_path / "run"
-    args = ["fit", "--config", TINY, "--data.train_file", str(data), "--trainer.default_root_dir", str(root)]
+    args = ["fit", "--config", TINY, "--data.train_file", str(data), "--data.val_file", "null"]
+    args += ["--trainer.default_root_dir", str(root)]
     with pytest.raises(SystemExit) as e:
         main([*args, "--data.cache_dir", str(tmp_path / "cache")])
     assert e.value.code == 2

@@ -147,7 +147,7 @@ def test_describe_reports_counts_lengths_packing_and_marks_trained_tokens(tmp_pa
     assert "  skipped        0 (unknown_role 0, empty_reply 0, not_alternating 0, no_reply 0, too_long 0)" in lines
     # Example 3 of the tiny data (no conversation is held out before it with this seed): one exchange.
     assert report.endswith("<|assistant|>\n[[TREE RIVER RED DOOR!<|end|>]]\n<|endoftext|>")
-    assert "example 3: kept, 31 tokens, 8 trained; trained tokens are inside [[ ]]:" in lines
+    assert "example 3: kept, 29 tokens, 6 trained; trained tokens are inside [[ ]]:" in lines
 
 
 def test_describe_a_skipped_example_and_a_missing_split(tmp_path, tiny_path):

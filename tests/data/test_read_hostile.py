@@ -30,7 +30,9 @@ def explain(capsys, args) -> str:
 
 
 def data_cmd(train_file, cache, *extra) -> list[str]:
-    return ["data", "--config", TINY, "--data.train_file", str(train_file), "--data.cache_dir", str(cache), *extra]
+    """`data` on the user's own file, validation held out of it (the default config has its own val_file)."""
+    train = ["--data.train_file", str(train_file), "--data.val_file", "null"]
+    return ["data", "--config", TINY, *train, "--data.cache_dir", str(cache), *extra]
 
 
 def write_jsonl(path, conversations):

@@ -169,7 +169,8 @@ def test_fast_dev_run_checks_one_step_and_writes_nothing(small_data, tmp_path, c
 
 def test_data_shows_the_example_asked_for(capsys):
     """`data --show longest|truncated|N`: the report's longest example is the one shown, with its marked spans."""
-    base = ["data", "--config", TINY, "--data.max_length", "128"]
+    skills = ["--data.train_file", str(ROOT / "phi3lit" / "assets" / "tiny_chat.jsonl"), "--data.val_file", "null"]
+    base = ["data", "--config", TINY, *skills, "--data.max_length", "128"]  # the skill chats: some run over 128
     main([*base, "--show", "longest"])
     out = capsys.readouterr().out
     longest = int(out.split(" tokens before truncation")[0].rsplit("max ", 1)[1].replace(",", ""))

@@ -87,6 +87,18 @@ def max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """The first 60 chats of the lab's world (conftest's are skill chats, which the pretrained base already knows):
+    their gradients are far from zero, where Adam would turn float-order differences between 2 processes and 1 into
+    visible ones."""
+    from phi3lit.tiny import WORLD_DIR
+
+    path = tmp_path_factory.mktemp("data") / "world.jsonl"
+    path.write_text("".join((WORLD_DIR / "train.jsonl").read_text().splitlines(keepends=True)[:60]))
+    return path
+
+
+@pytest.fixture(scope="module")
 def fsdp2_run(small_data, tmp_path_factory):
     """The uninterrupted 2-process FSDP2 run every test here compares with."""
     root = tmp_path_factory.mktemp("fsdp2")

@@ -43,7 +43,8 @@ def sweep_file(tmp_path_factory):
         "root": str(tmp / "runs"),
         "grid": {"model.lora.r": [4, 8], "model.lora.targets": [["q", "v"], "all-linear"]},
         "fixed": {
-            "data.train_file": str(data), "data.max_length": 128, "trainer.max_steps": 6,
+            "data.train_file": str(data), "data.val_file": None, "data.max_length": 128, "trainer.max_steps": 6,
+            "trainer.log_every_n_steps": 2,
             "trainer.val_check_interval": 3, "checkpoint.every_n_train_steps": 1, "samples.prompts": [],
             "trainer.enable_progress_bar": False, "monitor.plot": False,  # curves.png: tested on the main run
         },
