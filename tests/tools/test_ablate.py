@@ -231,6 +231,8 @@ def test_lr_sweep_summary_has_steady_tokens_per_sec_a_log10_lr_plot_and_eval_sco
         logged = read_scalars(str(out / point["name"] / "tb"))["eval/phi3lit_demo/exact_match"]
         assert float(row["eval_phi3lit_demo_exact_match"]) == pytest.approx(logged[-1][1], abs=1e-4)
         assert float(stat["eval_phi3lit_demo_exact_match_mean"]) == pytest.approx(logged[-1][1], abs=1e-4)
+    over_seeds = (out / "summary.md").read_text().split("## Every run")[0]
+    assert "| eval_phi3lit_demo_exact_match |" in over_seeds  # the score beside the losses, with its spread
 
 
 def test_alpha_rules_become_each_points_alpha(tmp_path):

@@ -178,6 +178,7 @@ def csv_text(columns: list[str], rows: list[dict]) -> bytes:
 
 def summary_markdown(sweep: dict, keys: list[str], columns: list[str], rows: list[dict], stats: list[dict]) -> str:
     shown = [("eq_val_loss", 4), ("best_val_loss", 4), ("val_token_acc", 4), ("tokens_per_sec", 0)]
+    shown += [(c, 4) for c in columns if c.startswith("eval_")]  # downstream scores, with their seed spread
     head = keys + ["scale", "n"] + [m for m, _ in shown] + ["Δ eq_val_loss vs best"]
     lines = ["## Over seeds", "", STATS_NOTE, ""]
     budget = next((r["eq_tokens"] for r in rows if r.get("eq_tokens") not in ("", None)), None)
