@@ -144,7 +144,6 @@ def run_point(sweep: dict, point: dict, progress: str = "") -> str:
         if proc.returncode == 0 and sweep["eval"]:  # downstream scores, into the point's TensorBoard
             fd = open_nofollow(folder / "fit.log", os.O_WRONLY | os.O_APPEND, "the point's fit log")
             with os.fdopen(fd, "a") as log:
-                offset = log.tell()
                 cmd = [sys.executable, "-m", "phi3lit", *eval_args(sweep, point)]
                 proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode == 0:
