@@ -61,21 +61,27 @@ class TrainingStepFacts(_Probe):
         self.in_backward = False
         self.layer_forwards = {"forward": 0, "backward": 0}
         self.dtypes: set[str] = set()
+        self.peft_forwards = 0  # calls of peft's own LoRA forward (the fused layer never calls its base_layer)
         base = pl_module.model.get_base_model()
         for layer in base.model.layers:
             # transformers' checkpointing replays the layer's `forward` (not `__call__`), so count a submodule's
             # calls: they run once in the forward, and once more in backward for every recomputed layer.
             layer.self_attn.register_forward_hook(self._on_layer)
-            layer.self_attn.qkv_proj.base_layer.register_forward_hook(self._on_matmul)
+            layer.self_attn.qkv_proj.register_forward_hook(self._on_matmul)
+            layer.self_attn.qkv_proj.base_layer.register_forward_hook(self._on_base_layer)
 
     def _on_layer(self, module, args, output) -> None:
         self.layer_forwards["backward" if self.in_backward else "forward"] += 1
 
     def _on_matmul(self, module, args, output) -> None:
-        # The dtype the frozen matmuls compute in: autocast's or the weights'; a bitsandbytes 4-bit layer casts
-        # its input to `compute_dtype` and its output back, so there the compute dtype is the layer's setting.
-        compute = getattr(module, "compute_dtype", None)
+        # The dtype the frozen matmuls compute in (the adapted layer returns the base matmul's dtype, on the fused
+        # path and on peft's): autocast's or the weights'; a bitsandbytes 4-bit layer casts its input to
+        # `compute_dtype` and its output back, so there the compute dtype is the layer's setting.
+        compute = getattr(module.base_layer, "compute_dtype", None)
         self.dtypes.add(str(compute if compute is not None else output.dtype))
+
+    def _on_base_layer(self, module, args, output) -> None:
+        self.peft_forwards += 1
 
     def _pack(self, t: torch.Tensor):
         self.saved += t.numel() * t.element_size()
@@ -101,12 +107,13 @@ class TrainingStepFacts(_Probe):
             saved_bytes=self.saved,
             layer_forwards=dict(self.layer_forwards),
             matmul_dtypes=sorted(self.dtypes),
+            peft_forwards=self.peft_forwards,
             base_dtypes=sorted({str(p.dtype) for p in pl_module.parameters() if not p.requires_grad}),
             lora_dtypes=sorted({str(p.dtype) for p in pl_module.parameters() if p.requires_grad}),
             grad_norm_after_clip=norm,
             training_mode=pl_module.model.training,
         )
-        self.saved = 0
+        self.saved = self.peft_forwards = 0
         self.layer_forwards = {"forward": 0, "backward": 0}
         self.dtypes = set()
 

@@ -24,6 +24,7 @@ import time
 import torch
 
 from phi3lit.data import collate
+from phi3lit.model.fused_lora import fuse_lora_layers
 from phi3lit.model.lora import LoraSpec, apply_lora, shard_fsdp2
 from phi3lit.model.module import Phi3LoRA
 from phi3lit.run.monitor import measure_matmul_flops, model_flops
@@ -51,9 +52,22 @@ def packed_batch(rows: int, length: int, vocab: int, generator) -> dict:
 
 
 def run(
-    shape: dict, attn: str, checkpointing: bool, ce_chunk: int, rows: int, steps: int, device, fsdp2: bool = False
+    shape: dict,
+    attn: str,
+    checkpointing: bool,
+    ce_chunk: int,
+    rows: int,
+    steps: int,
+    device,
+    fsdp2: bool = False,
+    fused: bool = True,
+    profiler=None,
 ) -> dict:
-    """Phi3LoRA.token_losses (the training step phi3lit runs) on a random-init model built on the device."""
+    """Phi3LoRA.token_losses (the training step phi3lit runs) on a random-init model built on the device.
+
+    LoRA dropout 0.05 as in the recipes, through phi3lit's fused LoRA layers (`fused=False`: peft's forward). With
+    a `profiler`, the timed steps run inside it (and are slower for it).
+    """
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
@@ -64,7 +78,9 @@ def run(
     if checkpointing:
         base.gradient_checkpointing_enable({"use_reentrant": False})
     module = Phi3LoRA(attn_implementation=attn, ce_chunk=ce_chunk)
-    module.model = apply_lora(base, LoraSpec(r=16, alpha=32, dropout=0.0, targets=["all-linear"])).train()
+    module.model = apply_lora(base, LoraSpec(r=16, alpha=32, dropout=0.05, targets=["all-linear"])).train()
+    if fused:  # as Phi3LoRA.configure_model does with model.fused_lora (the default)
+        fuse_lora_layers(module.model)
     if fsdp2:  # phi3lit's FSDP2 sharding (configure_model under configs/strategy/fsdp2.yaml), over this one device
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -83,6 +99,8 @@ def run(
         if i == warmup:
             sync()
             t0 = time.perf_counter()
+            if profiler is not None:
+                profiler.start()
         batch = batches[i % 2]
         loss_sum, n, _ = module.token_losses(batch)
         (loss_sum / n).backward()
@@ -93,6 +111,8 @@ def run(
             trained += int(n)
     sync()
     seconds = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.stop()
     tokens = steps * rows * length
     per_token, per_trained, per_ctx = model_flops(module)
     flops = per_token * tokens + per_trained * trained + per_ctx * ctx
@@ -100,9 +120,29 @@ def run(
     del module, base, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"attn": attn, "checkpointing": checkpointing, "ce_chunk": ce_chunk, "fsdp2": fsdp2,
+    return {"attn": attn, "checkpointing": checkpointing, "ce_chunk": ce_chunk, "fsdp2": fsdp2, "fused": fused,
             "tokens_per_sec": tokens / seconds,
             "tflops": flops / seconds / 1e12, "peak_memory_gb": peak_mem}  # fmt: skip
+
+
+def write_profile(shape: dict, rows: int, steps: int, device, out: str) -> None:
+    """The by-op breakdown of profile_ops.py for the default configuration: self device time on a GPU."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from profile_ops import table
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities)
+    run(shape, "sdpa_docs", False, 4096, rows, steps, device, profiler=profiler)
+    command = " ".join(["python experiments/bench/gpu.py", *sys.argv[1:]])
+    text = f"# phi3lit training step by op ({device.type})\n\n    {command}\n\n"
+    text += table(profiler.key_averages(), steps, top=20, device=device.type == "cuda")
+    Path(out).write_text(text)
+    print(text, flush=True)
 
 
 def _init_single_process_group(device) -> None:
@@ -123,6 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     parser.add_argument("--rows", type=int, default=None, help="packed rows per step")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--profile", default=None, help="also profile the default configuration: by-op table (.md)")
     args = parser.parse_args()
     smoke = args.smoke or not torch.cuda.is_available()
     device = torch.device("cpu" if smoke else "cuda")
@@ -132,15 +173,18 @@ def main() -> None:
     peak = measure_matmul_flops(device, dtype, n=1024 if smoke else 8192)
     print(f"device {device}, measured {dtype} matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
     attns = ["sdpa_docs"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") and not smoke else [])
-    configs = [(attn, gc, ce, False) for attn in attns for gc in (False, True) for ce in (0, 4096)]
-    configs.append(("sdpa", False, 0, False))  # reference: transformers' dense block-diagonal mask
+    configs = [(attn, gc, ce, False, True) for attn in attns for gc in (False, True) for ce in (0, 4096)]
+    configs.append(("sdpa", False, 0, False, True))  # reference: transformers' dense block-diagonal mask
+    configs.append(("sdpa_docs", False, 4096, False, False))  # reference: peft's own LoRA forward
     # FSDP2 on one device: the cost of phi3lit's sharding wrappers (gather/free per layer) on the step; with several
     # GPUs, torchrun this script's FSDP2 case or fit with configs/strategy/fsdp2.yaml.
-    configs.append(("sdpa_docs", True, 4096, True))
+    configs.append(("sdpa_docs", True, 4096, True, True))
     _init_single_process_group(device)
     results = []
-    for attn, checkpointing, ce_chunk, fsdp2 in configs:
-        r = run(shape, attn, checkpointing, ce_chunk, rows, steps, device, fsdp2)
+    if args.profile:  # first, so its table describes the same configuration as the first row
+        write_profile(shape, rows, steps, device, args.profile)
+    for attn, checkpointing, ce_chunk, fsdp2, fused in configs:
+        r = run(shape, attn, checkpointing, ce_chunk, rows, steps, device, fsdp2, fused)
         r["mfu_spec"] = r["tflops"] * 1e12 / SPEC_PEAK
         r["mfu_measured"] = r["tflops"] * 1e12 / peak
         print(json.dumps(r), flush=True)

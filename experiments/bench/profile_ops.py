@@ -28,7 +28,7 @@ KINDS = {
     "optimizer": ("_fused_adam", "_foreach_", "Optimizer."),
     "element-wise": ("aten::mul", "aten::add", "aten::silu", "aten::sub", "aten::div", "aten::pow", "aten::rsqrt",
                      "aten::mean", "aten::neg", "aten::cat", "aten::copy_", "aten::to", "aten::_to_copy", "aten::where",
-                     "aten::bernoulli", "aten::dropout", "aten::native_dropout", "aten::fill_", "aten::zero_",
+                     "aten::bernoulli", "aten::random_", "aten::ge", "aten::dropout", "aten::native_dropout", "aten::fill_", "aten::zero_",
                      "aten::clone", "aten::exp", "aten::log_softmax", "aten::_log_softmax", "aten::sum",
                      "aten::masked_fill", "aten::embedding", "aten::index", "aten::cos", "aten::sin"),
 }  # fmt: skip
@@ -72,22 +72,30 @@ def profile(model_dir: str, warmup: int, steps: int, dropout: float):
     return prof.key_averages()
 
 
-def table(averages, steps: int, top: int) -> str:
-    rows = sorted((a for a in averages if a.self_cpu_time_total > 0), key=lambda a: -a.self_cpu_time_total)
-    total = sum(a.self_cpu_time_total for a in rows)
+def table(averages, steps: int, top: int, device: bool = False) -> str:
+    """Markdown: time per kind of op, then the top ops. `device`: GPU kernel time of each op (its launches)."""
+    import torch
+
+    def spent(a) -> float:
+        return a.self_device_time_total if device else a.self_cpu_time_total
+
+    # On a GPU, ops (CPU events) carry their kernels' device time; the kernels' own rows would count it twice.
+    ops = [a for a in averages if not device or a.device_type == torch.autograd.DeviceType.CPU]
+    rows = sorted((a for a in ops if spent(a) > 0), key=lambda a: -spent(a))
+    total = sum(spent(a) for a in rows)
     kinds: dict[str, float] = {}
     for a in rows:
-        kinds[kind_of(a.key)] = kinds.get(kind_of(a.key), 0.0) + a.self_cpu_time_total
-    lines = [f"Profiled {steps} steps: {total / 1e6:.2f} s of self CPU time, {total / 1e6 / steps:.3f} s per step.", ""]
+        kinds[kind_of(a.key)] = kinds.get(kind_of(a.key), 0.0) + spent(a)
+    what = "self device (GPU) time" if device else "self CPU time"
+    lines = [f"Profiled {steps} steps: {total / 1e6:.2f} s of {what}, {total / 1e6 / steps:.3f} s per step.", ""]
     lines += ["| kind | s per step | share |", "|---|---|---|"]
     by_time = sorted(kinds.items(), key=lambda kv: -kv[1])
     lines += [f"| {k} | {v / 1e6 / steps:.3f} | {v / total:.1%} |" for k, v in by_time]
-    lines += ["", f"Top {top} ops by self CPU time:", "", "| op | kind | calls per step | ms per step | share |",
+    lines += ["", f"Top {top} ops by {what}:", "", "| op | kind | calls per step | ms per step | share |",
               "|---|---|---|---|---|"]  # fmt: skip
     for a in rows[:top]:
-        share = a.self_cpu_time_total / total
         lines.append(f"| `{a.key}` | {kind_of(a.key)} | {a.count / steps:.0f} | "
-                     f"{a.self_cpu_time_total / 1e3 / steps:.1f} | {share:.1%} |")  # fmt: skip
+                     f"{spent(a) / 1e3 / steps:.1f} | {spent(a) / total:.1%} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -51,7 +51,8 @@ def document_attention(
     for start, end in itertools.pairwise(doc_offsets.tolist()):
         row, a = divmod(start, length)
         b = end - row * length  # documents never cross rows: collate ends every row with its own padding run
-        q, k, v = query[row, :, a:b], key[row, :, a:b], value[row, :, a:b]
+        # 4-D slices (1, heads, L, dim): with 3-D ones the CPU falls back from its flash kernel to the math path.
+        q, k, v = query[row : row + 1, :, a:b], key[row : row + 1, :, a:b], value[row : row + 1, :, a:b]
         mask = None
         if sliding_window is not None and b - a > sliding_window:  # Phi-3's window only matters past its width
             i = torch.arange(b - a, device=query.device)
@@ -61,7 +62,7 @@ def document_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=mask is None, enable_gqa=gqa
         )
         pieces[row].append(out)
-    out = torch.stack([torch.cat(p, dim=1) for p in pieces])  # (rows, heads, T, dim)
+    out = torch.cat([torch.cat(p, dim=2) for p in pieces])  # (rows, heads, T, dim)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -284,6 +284,16 @@ def trainable_by_module(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+def trainable_summary(model: nn.Module, spec: LoraSpec) -> str:
+    """peft's `print_trainable_parameters` line with effective counts, and the split per module type."""
+    trainable, total = effective_trainable(model), sum(logical_numel(p) for p in model.parameters())
+    by_module = ", ".join(f"{k} {v:,}" for k, v in sorted(trainable_by_module(model).items()))
+    return (
+        f"[phi3lit] trainable params: {trainable:,} || all params: {total:,} || trainable: "
+        f"{100 * trainable / total:.4f}% (LoRA r={spec.r} on {', '.join(spec.targets)}: {by_module})"
+    )
+
+
 # ---------------------------------------------------------------------------- loralib's workflow
 def _lora_module_prefixes(model: nn.Module) -> set[str]:
     """Names of the modules that carry LoRA (whose own base-layer bias is 'lora_only')."""

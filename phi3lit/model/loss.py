@@ -7,7 +7,9 @@ gradient of each in backward. For a chunk of positions h (c x d) with head W (V 
     logits = h W^T,   loss = sum_i logsumexp(logits_i) - logits_i[t_i]
     dloss/dlogits = softmax(logits) - onehot(t),   dloss/dh = (dloss/dlogits) W,   dloss/dW = (dloss/dlogits)^T h
 
-so the gradient of h is known as soon as a chunk's logits are. `chunked_cross_entropy` computes, chunk by chunk
+so the gradient of h is known as soon as a chunk's logits are. With e = exp(logits - max) and z its row sum,
+softmax - onehot(t) = e / z - onehot(t), so dloss/dh = (e W) / z - W[t]: the division and the onehot act on the
+small side (c x d), and e overwrites the logits in place. `chunked_cross_entropy` computes, chunk by chunk
 in the forward pass, the loss and dloss/dh (and dloss/dW when the head trains), keeps only those (c x d each),
 and frees the chunk's logits. Backward just scales the stored gradients by the incoming one. No logits are
 recomputed (unlike checkpointing each chunk), and at most one `chunk x vocab` fp32 block exists at a time.
@@ -33,18 +35,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             logits = (h @ weight.T).float()  # fp32 softmax: bf16 logits lose ~3 digits of the loss
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, t[:, None]).squeeze(1)
-            loss += (lse - picked).sum()
-            hits += (logits.argmax(-1) == t).sum()
+            top = logits.amax(-1, keepdim=True)
+            picked = logits.gather(1, t[:, None])
+            hits += (picked >= top).sum()  # the target holds the largest logit: argmax's hit (ties aside)
+            # In place from here: exp(logits - top) overwrites the logits, no second chunk x vocab block.
+            exp = logits.sub_(top).exp_()
+            total = exp.sum(-1, keepdim=True)
+            loss += (top + total.log() - picked).sum()  # logsumexp - picked logit
             if need_h or need_w:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: the logits are no longer needed
-                grad[torch.arange(len(t), device=t.device), t] -= 1
-                grad = grad.to(weight.dtype)
+                # softmax - onehot(t), without a pass to divide or subtract over the chunk: the 1 / total and
+                # the onehot are applied on the small side of each matmul (rows of W and of h).
+                exp, inv = exp.to(weight.dtype), total.reciprocal()
                 if need_h:
-                    grad_h[start : start + chunk] = grad @ weight
+                    grad_h[start : start + chunk] = (exp @ weight).float().mul_(inv).sub_(weight[t].float())
                 if need_w:
-                    grad_w += (grad.T @ h).float()
+                    grad_w += (exp.T @ (h.float() * inv).to(weight.dtype)).float()
+                    grad_w.index_add_(0, t, h.float(), alpha=-1)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(hits)
         return loss, hits

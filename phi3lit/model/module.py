@@ -37,6 +37,7 @@ from phi3lit.hub import resolve_pretrained
 from phi3lit.lightning_compat import logging_this_step
 from phi3lit.model.adapter import check_adapter_matches, read_adapter_config
 from phi3lit.model.attention import document_kwargs  # importing it registers the sdpa_docs attention
+from phi3lit.model.fused_lora import fuse_lora_layers
 from phi3lit.model.generate import generate_ids
 from phi3lit.model.guard import NonFiniteGuard
 from phi3lit.model.lora import (
@@ -48,7 +49,7 @@ from phi3lit.model.lora import (
     logical_numel,
     lora_state_dict,
     shard_fsdp2,
-    trainable_by_module,
+    trainable_summary,
 )
 from phi3lit.model.loss import chunked_cross_entropy
 from phi3lit.model.norms import lora_delta_norms
@@ -80,6 +81,7 @@ class Phi3LoRA(L.LightningModule):
         quantization: Literal["nf4"] | None = None,
         ce_chunk: int = 1024,
         compile: bool = False,
+        fused_lora: bool = True,
     ):
         """
         Args:
@@ -110,6 +112,8 @@ class Phi3LoRA(L.LightningModule):
                 once and none are kept for backward (0: all logits at once, through autograd).
             compile: `torch.compile` each decoder layer (fuses norms, RoPE, SiLU and the LoRA adds; attention stays
                 eager because document offsets change every batch). The first steps pay the compile time.
+            fused_lora: each adapted Linear as one autograd Function (phi3lit.model.fused_lora), equal to peft's
+                forward to float rounding and without its full-size temporaries; false runs peft's own forward.
         """
         super().__init__()
         for key, value in (("ce_chunk", ce_chunk), ("max_skipped_steps", max_skipped_steps)):
@@ -180,6 +184,8 @@ class Phi3LoRA(L.LightningModule):
             install_slice_masks(self.model, self.lora, base.config)  # the zero blocks must stay zero here too
         else:
             self.model = apply_lora(base, self.lora)
+        if hp.fused_lora:
+            fuse_lora_layers(self.model)
         # from_pretrained returns the model in eval mode and Lightning keeps the modes it finds (the eval and
         # predict loops switch and restore them), so set train mode here: transformers checkpoints a layer only
         # when `self.training`, and LoRA dropout is active only then.
@@ -202,13 +208,7 @@ class Phi3LoRA(L.LightningModule):
             for p in self.parameters():
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.float()
-        trainable, total = self.param_counts()
-        by_module = ", ".join(f"{k} {v:,}" for k, v in sorted(trainable_by_module(self.model).items()))
-        rank_zero_info(
-            f"[phi3lit] trainable params: {trainable:,} || all params: {total:,} || "
-            f"trainable: {100 * trainable / total:.4f}% (LoRA r={self.lora.r} on {', '.join(self.lora.targets)}: "
-            f"{by_module})"
-        )
+        rank_zero_info(trainable_summary(self.model, self.lora))
 
     # ------------------------------------------------------------------ loss
     def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """End to end: `python -m phi3lit fit --config configs/tiny.yaml`, its outputs, resume, predict and test."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -26,9 +27,11 @@ def test_train_loss_falls_and_val_is_logged(run_dir):
     # The pretrained base already knows the chat format, so the first loss is low; the facts' answers take it down
     # by far more than 10x.
     assert sum(loss[-k:]) / k < sum(loss[:k]) / k / 10
-    val = scalars(run_dir, "val/loss")
-    assert len(val) == 3 and val[-1] < val[0]
-    assert len(scalars(run_dir, "val/ppl")) == 3
+    # Validation (people the training split never mentions) at steps 100, 200 and 300. Whether it falls there
+    # depends on the seed (it rises with seed 1 as the facts are overfitted), so only its values are checked.
+    val, ppl = scalars(run_dir, "val/loss"), scalars(run_dir, "val/ppl")
+    assert len(val) == 3 and all(0 < v < 5 for v in val)
+    assert ppl == pytest.approx([math.exp(v) for v in val], rel=1e-5)
     assert len(scalars(run_dir, "train/lr")) == len(loss)
 
 

@@ -128,6 +128,10 @@ def test_every_shipped_config_runs_as_shipped_and_each_setting_takes_effect(conf
     compute = "torch.bfloat16" if precision.startswith("bf16") else "torch.float32"
     assert {d for s in steps for d in s["matmul_dtypes"]} == {compute}
     assert {d for s in steps for d in s["lora_dtypes"]} == {"torch.float32"}
+    # The fused LoRA layer runs where base, LoRA and input dtypes agree (32-true); under autocast, and for a 4-bit
+    # base, peft's own forward runs (phi3lit.model.fused_lora).
+    fused = precision == "32-true" and not cfg["model"].get("quantization")
+    assert all((s["peft_forwards"] == 0) == fused for s in steps)
     if cfg["model"].get("quantization"):  # QLoRA: the frozen linear weights are stored packed 4-bit
         assert "torch.uint8" in {d for s in steps for d in s["base_dtypes"]}
     # Clipping: the gradient that reaches the optimizer is never longer than gradient_clip_val.

@@ -66,3 +66,16 @@ def test_generation_with_sdpa_docs_matches_sdpa(tiny_path, tiny_tokenizer):
         model.set_attn_implementation(impl)
         replies[impl] = generate_ids(model, tiny_tokenizer, ids, mask, 8)
     assert replies["sdpa"] == replies[attention.NAME] and len(prompts) == len(replies["sdpa"])
+
+
+def test_documents_run_the_fused_cpu_kernel_not_the_math_path():
+    """Each conversation goes through SDPA's flash kernel for CPU (forward and backward), which needs 4-D inputs;
+    3-D slices silently take the math path (bmm + softmax, keeping the attention matrix for backward)."""
+    model = tiny_model(None)
+    batch = packed_batch([[5, 20, 15], [12, 9]], vocab=100)
+    with torch.profiler.profile() as prof:
+        run(model, batch, attention.NAME)
+    ops = {e.key for e in prof.key_averages()}
+    assert {"aten::_scaled_dot_product_flash_attention_for_cpu"} <= ops
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops

@@ -19,10 +19,13 @@ def test_side_by_side_benchmark_runs(tmp_path):
 
 
 def test_gpu_script_smoke_runs_on_cpu(tmp_path):
-    out = tmp_path / "gpu.json"
-    cmd = [sys.executable, "experiments/bench/gpu.py", "--smoke", "--out", str(out)]
+    out, profile = tmp_path / "gpu.json", tmp_path / "profile.md"
+    cmd = [sys.executable, "experiments/bench/gpu.py", "--smoke", "--out", str(out), "--profile", str(profile)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert len(results) == 6 and all(r["tokens_per_sec"] > 0 for r in results)
+    assert len(results) == 7 and all(r["tokens_per_sec"] > 0 for r in results)
     assert {r["attn"] for r in results} == {"sdpa_docs", "sdpa"} and [r["fsdp2"] for r in results].count(True) == 1
+    assert [r["fused"] for r in results].count(False) == 1  # peft's own LoRA forward, as the reference
+    table = profile.read_text()
+    assert "self CPU time" in table and "| matmul |" in table and "`aten::mm`" in table
