@@ -27,10 +27,11 @@ KINDS = {
     "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
     "optimizer": ("_fused_adam", "_foreach_", "Optimizer."),
     "element-wise": ("aten::mul", "aten::add", "aten::silu", "aten::sub", "aten::div", "aten::pow", "aten::rsqrt",
-                     "aten::mean", "aten::neg", "aten::cat", "aten::copy_", "aten::to", "aten::_to_copy", "aten::where",
-                     "aten::bernoulli", "aten::random_", "aten::ge", "aten::dropout", "aten::native_dropout", "aten::fill_", "aten::zero_",
-                     "aten::clone", "aten::exp", "aten::log_softmax", "aten::_log_softmax", "aten::sum",
-                     "aten::masked_fill", "aten::embedding", "aten::index", "aten::cos", "aten::sin"),
+                     "aten::mean", "aten::neg", "aten::cat", "aten::copy_", "aten::to", "aten::_to_copy",
+                     "aten::where", "aten::bernoulli", "aten::random_", "aten::ge", "aten::dropout",
+                     "aten::native_dropout", "aten::fill_", "aten::zero_", "aten::clone", "aten::exp",
+                     "aten::log_softmax", "aten::_log_softmax", "aten::sum", "aten::masked_fill",
+                     "aten::embedding", "aten::index", "aten::cos", "aten::sin"),
 }  # fmt: skip
 
 

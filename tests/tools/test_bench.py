@@ -29,3 +29,12 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path):
     assert [r["fused"] for r in results].count(False) == 1  # peft's own LoRA forward, as the reference
     table = profile.read_text()
     assert "self CPU time" in table and "| matmul |" in table and "`aten::mm`" in table
+
+
+def test_levers_script_runs(tmp_path):
+    out = tmp_path / "levers.md"
+    cmd = [sys.executable, "experiments/bench/levers.py", "--repeat", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "ms" not in line]
+    assert len(rows) == 4 and all(line.endswith("x |") for line in rows)
