@@ -2,6 +2,7 @@
 
     python experiments/bench/gpu.py            # on a CUDA GPU
     python experiments/bench/gpu.py --smoke    # the same code end to end on the CPU, shrunken shape
+    python experiments/bench/gpu.py --out gpu.json --profile gpu_profile.md   # + the by-op table (issue 30)
 
 Random-init Phi-3-mini (3.8 B, hidden 3072, 32 layers), bf16 base, fp32 LoRA r=16 on all linear projections,
 rows of 4096 tokens packed by phi3lit's collate from conversations of random lengths, half the positions trained,
