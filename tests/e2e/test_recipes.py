@@ -214,3 +214,19 @@ def test_bf16_true_through_the_cli_keeps_lora_and_adamw_in_fp32(data, tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     state = ckpt["optimizer_states"][0]["state"]
     assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+
+
+def test_fused_lora_switch_through_the_cli(data, tmp_path):
+    """`model.fused_lora` picks the LoRA forward a fit runs; with dropout 0 both paths train to the same weights."""
+    common = ["--model.lora.dropout", "0", "--trainer.max_steps", "3"]
+    fused = fit("tiny.yaml", data, tmp_path / "fused", *common)
+    stock = fit("tiny.yaml", data, tmp_path / "stock", *common, "--model.fused_lora", "false")
+    assert all(s["peft_forwards"] == 0 for s in fused) and all(s["peft_forwards"] > 0 for s in stock)
+    a, b = (
+        torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        for r in ("fused", "stock")
+    )
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    assert any((a[k] != 0).any() for k in a if "lora_B" in k)  # trained: B left its zero start
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
